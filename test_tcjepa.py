@@ -1,13 +1,19 @@
 """Tests that can fail: each compares against a naive reference (a loop, a manual softmax) or
 checks a property (masks disjoint, EMA moves toward the weights, target gets no gradient)."""
 
+import json
 import math
+import time
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import tcjepa
+from data import (COLOR_RGB, COLORS, MEAN, SHAPES, STD, CocoCaptions, Collate, DataError, ShapesDataset,
+                  load_tokenizer, patch_labels, train_tokenizer)
 from tcjepa import TCJEPA, TCJEPAConfig, sample_masks
 
 torch.set_num_threads(2)
@@ -300,3 +306,315 @@ def test_encode_uses_target_encoder():
     with torch.no_grad():
         model.target.norm.bias.add_(1.0)  # change only the target: encode must follow it
     assert not torch.allclose(model.encode(x), feats)
+
+
+# =============================================================================
+# data.py
+
+POS_WORDS = {"top", "bottom", "left", "right", "center", "middle"}
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.fixture(scope="module")
+def shapes300():
+    ds = ShapesDataset("train", size=300)
+    return ds, ds.render(list(range(300)))
+
+
+def test_shapes_deterministic_and_getitem_equals_getitems():
+    ds = ShapesDataset("train", size=100)
+    a, b = ds[5], ShapesDataset("train", size=100)[5]
+    items = ds.__getitems__([3, 5, (7, 9)])
+    for key in ("image", "shape_map", "color_map", "attrs"):
+        assert torch.equal(a[key], b[key]) and torch.equal(a[key], items[1][key])
+    assert a["captions"] == b["captions"] == items[1]["captions"] and len(a["captions"]) == 5
+    assert a["image"].shape == (3, 64, 64) and a["shape_map"].dtype == torch.long
+    assert a["attrs"].shape == (len(SHAPES) + len(COLORS) + 4,)
+    assert a["seed"] == 0 and items[2]["seed"] == 9  # sample_seed is passed through ...
+    assert torch.equal(ds[(7, 123)]["image"], items[2]["image"])  # ... and does not change the image
+    with pytest.raises(IndexError):
+        ds[100]
+
+
+def test_shapes_splits_and_seeds_disjoint():
+    def keys(ds):
+        return {hash(img.numpy().tobytes()) for img in ds.render(list(range(300)))["images"]}
+    train = keys(ShapesDataset("train", size=300))
+    assert len(train) == 300
+    assert not train & keys(ShapesDataset("val"))
+    assert not train & keys(ShapesDataset("train", size=300, seed=1))
+    assert len(ShapesDataset("train")) == 20000 and len(ShapesDataset("val")) == 1000
+
+
+def _objects(shape_map, color_map, img_size):
+    """Ground truth per occupied cell: {(row, col): (shape, color, extent in cells)} read from the maps."""
+    cw, objs = img_size / 3, {}
+    for r in range(3):
+        for c in range(3):
+            ys, xs = slice(round(r * cw), round((r + 1) * cw)), slice(round(c * cw), round((c + 1) * cw))
+            sm, cm = shape_map[ys, xs], color_map[ys, xs]
+            if (sm > 0).any():
+                shapes, colors = sm[sm > 0].unique().tolist(), cm[cm > 0].unique().tolist()
+                assert len(shapes) == 1 and len(colors) == 1, "one object per cell"
+                yy, xx = (sm > 0).nonzero().unbind(1)
+                extent = max(yy.max() - yy.min(), xx.max() - xx.min()).item() + 1
+                objs[(r, c)] = (shapes[0] - 1, colors[0] - 1, extent / cw)
+    return objs
+
+
+def test_shapes_captions_match_ground_truth(shapes300):
+    ds, out = shapes300
+    n_all = n_caps = 0
+    for b in range(300):
+        objs = _objects(out["shape_map"][b], out["color_map"][b], 64)
+        described = set()
+        for cap in out["captions"][b]:
+            words = cap.replace(":", " ").replace(",", " ").split()
+            colors = [COLORS.index(w) for w in words if w in COLORS]
+            shapes = [SHAPES.index(w) for w in words if w in SHAPES]
+            n_caps += 1
+            if POS_WORDS & set(words):  # one object: size, color, shape, position
+                row = 0 if "top" in words else 2 if "bottom" in words else 1
+                col = 0 if "left" in words else 2 if "right" in words else 1
+                shape, color, extent = objs[(row, col)]  # KeyError = caption names an empty cell
+                assert (colors, shapes) == ([color], [shape]), cap
+                big = bool({"big", "large"} & set(words))
+                assert big != bool({"small", "little", "tiny"} & set(words)), cap
+                assert big == (extent > 0.65), (cap, extent)  # big ~0.74-0.9 cell, small <= 0.56
+                described.add((row, col))
+            else:  # all objects, no positions
+                n_all += 1
+                assert sorted(zip(colors, shapes)) == sorted((c, s) for s, c, _ in objs.values()), cap
+        assert described == set(objs), "every object has a caption of its own"
+    assert 0.05 < n_all / n_caps < 0.35
+
+
+def test_shapes_ground_truth_consistent(shapes300):
+    ds, out = shapes300
+    attrs, sm, cm = out["attrs"], out["shape_map"], out["color_map"]
+    ns, nc = len(SHAPES), len(COLORS)
+    for b in range(300):
+        objs = _objects(sm[b], cm[b], 64)
+        assert attrs[b, ns + nc + len(objs) - 1] == 1 and attrs[b, ns + nc:].sum() == 1
+        assert set(attrs[b, :ns].nonzero().flatten().tolist()) == {s for s, _, _ in objs.values()}
+        assert set(attrs[b, ns:ns + nc].nonzero().flatten().tolist()) == {c for _, c, _ in objs.values()}
+    counts = Counter(int(a) for a in attrs[:, ns + nc:].argmax(1))
+    assert set(counts) == {0, 1, 2, 3}  # 1..4 objects all occur
+    assert set(sm.unique().tolist()) == set(range(ns + 1)) and set(cm.unique().tolist()) == set(range(nc + 1))
+    # the painted pixels have exactly the color the map says; background never does
+    rgb = (torch.tensor(COLOR_RGB) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)  # (8, 3)
+    pixels = out["images"].permute(0, 2, 3, 1)  # (B, H, W, 3)
+    fg = cm > 0
+    assert torch.allclose(pixels[fg], rgb[cm[fg] - 1], atol=1e-5)
+    dist = (pixels[~fg][:, None] - rgb[None]).abs().amax(-1)  # (pixels, 8) normalized units
+    assert dist.min() > 0.3, "background must stay far from every object color"
+    # background is textured but of low contrast: varies within an image, much less than objects
+    bg_std = torch.stack([pixels[b][~fg[b]].std(0).mean() for b in range(20)])
+    assert (bg_std > 0.01).all() and (bg_std < 0.3).all()
+
+
+def test_shapes_other_img_size_is_proportional():
+    small, big = ShapesDataset(size=50).render(list(range(50))), ShapesDataset(size=50, img_size=96).render(list(range(50)))
+    assert big["images"].shape == (50, 3, 96, 96)
+    assert torch.equal(small["attrs"], big["attrs"]) and small["captions"] == big["captions"]
+    ratio = (big["shape_map"] > 0).sum() / (small["shape_map"] > 0).sum()
+    assert abs(ratio - (96 / 64) ** 2) < 0.1
+
+
+def test_shapes_render_speed():
+    """Spec: >= 2000 img/s on one core (measured ~4500); asserted conservatively against CI noise."""
+    ds, threads = ShapesDataset(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds.render(list(range(256)))  # warm-up
+        best = min(_timed(ds.render, list(range(k * 256, (k + 1) * 256))) for k in range(1, 4))
+    finally:
+        torch.set_num_threads(threads)
+    assert 256 / best >= 1000, f"{256 / best:.0f} img/s"
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- COCO fixture
+
+UNICODE = "un café très chaud ☕"
+
+
+def _write_coco(root):
+    """A tiny COCO 2017 layout. ids: 1 RGB, 2 L (2 captions), 3 CMYK, 4 RGBA png named .jpg,
+    5 corrupt bytes, 6 on disk but no captions, 7 captioned but not on disk; val: 1 image."""
+    for d in ("train2017", "val2017", "annotations"):
+        (root / d).mkdir(parents=True)
+    specs = {1: ("RGB", (40, 30)), 2: ("L", (32, 48)), 3: ("CMYK", (50, 50)), 4: ("RGBA", (36, 36)), 6: ("RGB", (20, 20))}
+    for i, (mode, size) in specs.items():
+        img = Image.new(mode, size)
+        img.putdata([tuple((x * 7 + k * 50) % 256 for k in range(len(mode))) if len(mode) > 1 else x % 256
+                     for x in range(size[0] * size[1])])
+        img.save(root / "train2017" / f"{i:012d}.jpg", format="PNG" if mode == "RGBA" else "JPEG")
+    (root / "train2017" / f"{5:012d}.jpg").write_bytes(bytes(range(256)) * 4)
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(root / "val2017" / f"{100:012d}.jpg")
+    long = " ".join(f"word{k}" for k in range(30))
+    caps = {1: ["a red bus on a street", UNICODE, "two dogs play", "a cat sleeps", long],
+            2: ["a grey photo", "an old picture"], 3: ["a cmyk image of a tree", "a tree", "green leaves", "a forest",
+                                                        "the tree is tall"],
+            4: ["a transparent thing", "!!!", "a png in disguise"], 5: ["broken", "very broken"], 7: ["gone", "lost"]}
+    _dump(root / "annotations" / "captions_train2017.json",
+          [i for i in range(1, 8)], [(i, c) for i, cs in caps.items() for c in cs])
+    _dump(root / "annotations" / "captions_val2017.json", [100], [(100, "a red square")])
+
+
+def _dump(path, ids, caps):
+    data = {"images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 1, "height": 1} for i in ids],
+            "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(caps)]}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.fixture
+def coco_dir(tmp_path):
+    _write_coco(tmp_path / "coco")
+    return tmp_path / "coco"
+
+
+def test_coco_index_counts(coco_dir, capsys):
+    ds = CocoCaptions(coco_dir, "train", img_size=32)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["coco train: 5 images, 17 captions; left out: 1 without captions, 1 missing files"]
+    assert len(ds) == 5 and UNICODE in ds.captions[0]
+    assert sorted(ds.captions_for_tokenizer()) == sorted(c for cs in ds.captions for c in cs)
+    assert len(CocoCaptions(coco_dir, "val", img_size=32)) == 1
+
+
+def test_coco_items_modes_crops_and_corrupt(coco_dir, capsys):
+    ds = CocoCaptions(coco_dir, "train", img_size=32)
+    for i in range(4):  # RGB, L, CMYK, RGBA-as-png all become (3, S, S)
+        item = ds[(i, 11)]
+        assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32 and item["seed"] == 11
+    assert torch.equal(ds[(0, 3)]["image"], ds[(0, 3)]["image"])
+    assert not torch.equal(ds[(0, 3)]["image"], ds[(0, 4)]["image"])
+    torch.manual_seed(0)
+    a = ds[(2, 5)]["image"]
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert torch.equal(a, ds[(2, 5)]["image"])
+    capsys.readouterr()
+    assert ds[4] is None and ds.n_unreadable == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"skipping unreadable image {ds.files[4]}: ")
+
+
+def _error(fn):
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_coco_errors_name_the_path(coco_dir, tmp_path):
+    ann = coco_dir / "annotations" / "captions_train2017.json"
+    assert str(tmp_path / "nope") in _error(lambda: CocoCaptions(tmp_path / "nope"))
+    assert str(coco_dir / "val2017") in _error(lambda: (coco_dir / "val2017" / f"{100:012d}.jpg").unlink()
+                                               or (coco_dir / "val2017").rmdir() or CocoCaptions(coco_dir, "val"))
+    text = ann.read_text(encoding="utf-8")
+    ann.write_text('{"images": [}')
+    msg = _error(lambda: CocoCaptions(coco_dir))
+    assert str(ann) in msg and "not valid JSON" in msg and "line 1 column" in msg
+    ann.write_text('{"images": []}')
+    assert str(ann) in _error(lambda: CocoCaptions(coco_dir))
+    ann.write_text(text.replace('"caption"', '"text"'))
+    assert str(ann) in _error(lambda: CocoCaptions(coco_dir))
+    _dump(ann, [7], [(7, "gone")])  # nothing usable
+    assert "no usable COCO images" in _error(lambda: CocoCaptions(coco_dir))
+    ann.unlink()
+    msg = _error(lambda: CocoCaptions(coco_dir))
+    assert str(ann) in msg and "cocodataset.org" in msg
+    with pytest.raises(DataError):
+        ShapesDataset("test")
+
+
+# ----------------------------------------------------------------------------- tokenizer and Collate
+
+
+@pytest.fixture
+def tok_path(coco_dir, tmp_path):
+    caps = list(CocoCaptions(coco_dir, img_size=32).captions_for_tokenizer())
+    caps += list(ShapesDataset(size=200).captions_for_tokenizer())
+    path = tmp_path / "tok" / "tokenizer.json"
+    train_tokenizer(caps, 300, path)
+    return path
+
+
+def test_tokenizer_roundtrip(tok_path, tmp_path):
+    tok = load_tokenizer(tok_path)
+    fresh = ShapesDataset(size=300)
+    texts = [c for i in range(250, 300) for c in fresh[i]["captions"]] + [UNICODE, "A BIG RED CIRCLE!"]
+    ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert ids == [e.ids for e in load_tokenizer(tok_path).encode_batch(texts, add_special_tokens=False)]
+    assert tok.token_to_id("[PAD]") == 0 and tok.token_to_id("[UNK]") == 1
+    assert all(i and 0 not in i for i in ids)
+    assert ids[-1] == tok.encode("a big red circle", add_special_tokens=False).ids  # lowercased, no punctuation
+    assert "cafe" in tok.encode(UNICODE, add_special_tokens=False).tokens  # accents stripped, ☕ dropped
+    assert tok.encode("!!!", add_special_tokens=False).ids == [] == tok.encode("").ids
+    assert str(tmp_path / "none.json") in _error(lambda: load_tokenizer(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("not a tokenizer")
+    assert str(tmp_path / "bad.json") in _error(lambda: load_tokenizer(tmp_path / "bad.json"))
+
+
+def test_collate_coco(coco_dir, tok_path, capsys):
+    ds, tok = CocoCaptions(coco_dir, img_size=32), load_tokenizer(tok_path)
+    collate = Collate(tok, n_captions=5, max_words=6)
+    items = [ds[(i, 7)] for i in range(len(ds))]  # item 4 is corrupt -> None
+    capsys.readouterr()
+    batch = collate(items)
+    assert batch["images"].shape == (4, 3, 32, 32)
+    assert batch["tokens"].shape == batch["word_mask"].shape == (4, 5, 6)
+    assert batch["tokens"].dtype == torch.long and batch["word_mask"].dtype == torch.bool
+    assert "shape_map" not in batch
+    assert torch.equal(batch["tokens"] != 0, batch["word_mask"])  # pad id 0 exactly where masked
+    assert len(batch["captions"][1]) == 2 and not batch["word_mask"][1, 2:].any()  # L image: 2 captions
+    assert sorted(batch["captions"][0]) == sorted(ds.captions[0])  # 5 of 5, without replacement
+    c = batch["captions"][3].index("!!!")  # RGBA image: "!!!" has no words -> absent
+    assert not batch["word_mask"][3, c].any() and collate.n_empty == 1
+    assert "'!!!'" in capsys.readouterr().err
+    long = [k for k, cap in enumerate(batch["captions"][0]) if cap.startswith("word0")][0]
+    assert batch["word_mask"][0, long].sum() == 6  # truncated to max_words
+    again = collate(items)
+    assert again["captions"] == batch["captions"] and torch.equal(again["tokens"], batch["tokens"])
+    orders = {tuple(collate([ds[(0, s)]])["captions"][0]) for s in range(6)}
+    assert len(orders) > 1  # the seed picks the captions
+    with pytest.raises(DataError):
+        collate([None, None])
+
+
+def test_collate_shapes_through_dataloader(tok_path):
+    ds = ShapesDataset(size=64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=Collate(load_tokenizer(tok_path), 3, 16))
+    batch = next(iter(loader))  # DataLoader calls __getitems__: one render for the batch
+    assert batch["images"].shape == (16, 3, 64, 64) and batch["tokens"].shape == (16, 3, 16)
+    assert batch["shape_map"].shape == batch["color_map"].shape == (16, 64, 64)
+    assert batch["attrs"].shape == (16, len(SHAPES) + len(COLORS) + 4)
+    assert torch.equal(batch["images"][3], ds[3]["image"]) and batch["word_mask"].any(-1).all()
+    assert all(set(caps) <= set(ds[b]["captions"]) for b, caps in enumerate(batch["captions"]))
+
+
+# ----------------------------------------------------------------------------- patch_labels
+
+
+@pytest.mark.parametrize("H,W,p", [(16, 16, 4), (16, 24, 8), (64, 64, 8)])
+def test_patch_labels_matches_loop(H, W, p):
+    g = torch.Generator().manual_seed(H * W + p)
+    maps = torch.randint(0, 4, (3, H, W), generator=g)
+    maps[0, :p, :p] = torch.tensor([0, 2] * (p * p // 2)).view(p, p)  # an exact tie: smallest label wins
+    expect = torch.zeros(3, (H // p) * (W // p), dtype=torch.long)
+    for b in range(3):
+        for i in range(H // p):
+            for j in range(W // p):
+                counts = Counter(maps[b, i * p:(i + 1) * p, j * p:(j + 1) * p].flatten().tolist())
+                expect[b, i * (W // p) + j] = max(counts, key=lambda k: (counts[k], -k))
+    assert torch.equal(patch_labels(maps, p), expect)
+    assert expect[0, 0] == 0

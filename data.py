@@ -1,0 +1,458 @@
+"""
+Data for TC-JEPA: captioned images, a tokenizer, batching, and ground truth for probes.
+
+Two sources of (image, captions):
+  ShapesDataset  built in, no download: scenes of 1-4 large coloured shapes on a 3x3 grid, each
+                 with 5 captions and per-pixel ground truth (shape_map, color_map) for probes.
+                 Rendered on the fly, a whole batch in one vectorized call.
+  CocoCaptions   the real COCO 2017 captions layout, with I-JEPA's crop augmentation.
+Then a WordPiece tokenizer, Collate (picks and tokenizes captions into a batch), and patch_labels
+(one majority label per ViT patch, for dense probes).
+
+Shape legend: B batch, C captions per image, S words per caption, H/W pixels, N objects in a batch.
+A dataset key is an int index or a tuple (index, sample_seed); all randomness of an item comes
+from that key, so results do not depend on DataLoader workers. Knows nothing of the model.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+
+class DataError(Exception):
+    """One-line, user-facing message that says what is wrong and what to do."""
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalization
+
+
+def _normalize(x):  # (B, 3, H, W) in [0, 1] -> normalized
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _split_key(key):
+    """int -> (index, 0); (index, sample_seed) -> (index, sample_seed)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), 0
+
+
+# -----------------------------------------------------------------------------
+# shapes: geometry
+# Each shape lives in unit coordinates u (right), v (down) and fits the box [-1, 1]^2, so an
+# object of radius r covers at most a 2r x 2r square: objects in different cells never overlap.
+# u is (n, 1, W) and v is (n, H, 1); every test broadcasts to an (n, H, W) mask.
+
+
+_SHAPE_FNS = {
+    "circle": lambda u, v: u * u + v * v <= 1,
+    "square": lambda u, v: torch.maximum(u.abs(), v.abs()) <= 0.82,  # about the circle's area
+    "triangle": lambda u, v: (v <= 0.75) & (u.abs() <= 0.56 * (v + 0.95)),  # apex up, base 1.9 wide
+    "diamond": lambda u, v: u.abs() + v.abs() <= 1,
+    "cross": lambda u, v: ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1)),
+    # inner radius 0.6: the hole stays >= 2 px wide even for a small ring at 64 px
+    "ring": lambda u, v: (u * u + v * v <= 1) & (u * u + v * v >= 0.36),
+    # six-pointed: two equilateral triangles of circumradius 1 (no atan2 needed)
+    "star": lambda u, v: (((v <= 0.5) & (u.abs() <= 0.577 * (v + 1)))
+                          | ((v >= -0.5) & (u.abs() <= 0.577 * (1 - v)))),
+}
+SHAPES = list(_SHAPE_FNS)
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
+COLOR_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 205, 40),  # same order as COLORS
+             (140, 60, 200), (240, 130, 30), (40, 200, 210), (240, 110, 190)]
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+BIG, SMALL = 0.45, 0.28  # object radius as a fraction of a grid cell (big nearly fills its cell)
+
+# -----------------------------------------------------------------------------
+# shapes: captions. Several templates and synonyms so that no single word identifies a caption
+# type; the words that carry information are always size, color, shape and position.
+
+_SIZE_WORDS = {True: ("big", "large"), False: ("small", "little", "tiny")}
+_ONE = ("a {o} at the {p}", "there is a {o} at the {p}", "a {o} in the {p}", "{p}: a {o}",
+        "the {o} sits at the {p}", "at the {p} there is a {o}", "you can see a {o} in the {p}")
+_ALL = ("{l}", "an image with {l}", "a picture of {l}")
+_P_ALL = 0.4  # chance that a spare caption slot names all objects (no positions) instead of one
+
+
+def _position(row, col, rng):
+    r, c = ROWS[row], COLS[col]
+    if row == 1 and col == 1:
+        return rng.choice(("center", "middle"))
+    if row == 1:
+        return rng.choice((f"middle {c}", f"center {c}"))  # a bare "left" reads badly: "in the left"
+    if col == 1:
+        return rng.choice((r, f"{r} middle", f"{r} center"))
+    return rng.choice((f"{r} {c}", f"{r} {c} corner"))
+
+
+def _one_caption(obj, rng):
+    cell, shape, color, big = obj[:4]
+    o = f"{rng.choice(_SIZE_WORDS[big])} {COLORS[color]} {SHAPES[shape]}"
+    return rng.choice(_ONE).format(o=o, p=_position(cell // 3, cell % 3, rng))
+
+
+def _all_caption(objs, rng):
+    names = [f"{COLORS[c]} {SHAPES[s]}" for _, s, c, *_ in rng.sample(objs, len(objs))]
+    names = [("an " if n[0] in "aeiou" else "a ") + n for n in names]
+    lst = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return rng.choice(_ALL).format(l=lst)
+
+
+def _captions(objs, rng, n=5):
+    """Every object gets one caption; the spare slots name one object or all of them."""
+    caps = [_one_caption(o, rng) for o in objs]
+    for _ in range(n - len(objs)):
+        for _ in range(5):  # a few redraws avoid exact repeats (likely with a single object)
+            c = _all_caption(objs, rng) if rng.random() < _P_ALL else _one_caption(rng.choice(objs), rng)
+            if c not in caps:
+                break
+        caps.append(c)
+    rng.shuffle(caps)
+    return caps
+
+
+# -----------------------------------------------------------------------------
+# shapes: the dataset
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Captioned scenes of 1-4 shapes, one per cell of a 3x3 grid, on a smooth textured background.
+
+    Fixed per (seed, split, index): sample_seed in a key is only passed through. Objects are large
+    (a big one nearly fills its cell) so that an I-JEPA target block can hide most of one and its
+    caption is then worth reading (PAPER.md sec. 3). The background is a faint random wave pattern:
+    not flat, so it is not trivially predictable, but of low contrast so it does not dominate a
+    feature-prediction loss.
+    """
+
+    def __init__(self, split="train", size=None, img_size=64, seed=0):
+        if split not in ("train", "val"):
+            raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
+        self.split, self.img_size, self.seed = split, img_size, seed
+        self.size = size if size is not None else (20000 if split == "train" else 1000)
+
+    def __len__(self):
+        return self.size
+
+    def _scene(self, index):
+        """Python-side draw of one scene: objects [(cell, shape, color, big, jx, jy)], background
+        color, waves, captions."""
+        # a string seed is hashed with sha512 by random.Random: stable across runs and Python versions,
+        # and the split in it gives val its own stream (disjoint from train)
+        rng = random.Random(f"shapes/{self.seed}/{self.split}/{index}")
+        n = rng.randint(1, 4)
+        objs = [(cell, rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)), rng.random() < 0.5,
+                 rng.uniform(-1, 1), rng.uniform(-1, 1)) for cell in rng.sample(range(9), n)]
+        base = rng.uniform(0.3, 0.6)  # dull grey with a slight tint, far from the saturated objects
+        bg = [base + rng.uniform(-0.06, 0.06) for _ in range(3)]
+        waves = [(rng.uniform(0, math.pi), rng.uniform(0.5, 2.5), rng.uniform(0, 2 * math.pi),
+                  *[rng.uniform(0.02, 0.05) for _ in range(3)]) for _ in range(2)]
+        return objs, bg, waves, _captions(objs, rng)
+
+    def render(self, indices):
+        """The vectorized core: draw scenes in Python, paint them all with batched tensor ops.
+
+        Returns dict(images (B,3,H,W) normalized, shape_map (B,H,W), color_map (B,H,W), attrs (B,A),
+        captions list[list[str]]).
+        """
+        scenes = [self._scene(int(i)) for i in indices]
+        B = len(scenes)
+        # one row per object: (image, slot, cell, shape, color, big, jx, jy)
+        rows = torch.tensor([(b, k, *o) for b, sc in enumerate(scenes) for k, o in enumerate(sc[0])],
+                            dtype=torch.float32)  # (N, 8)
+        img, slot, cell, shape, color = rows[:, :5].long().unbind(1)
+        obj = self._object_ids(B, img, slot, cell, shape, big=rows[:, 5] > 0, jitter=rows[:, 6:])
+
+        # per-image lookup tables from object id to label, column 0 = background
+        shape_lut, color_lut = torch.zeros(B, 5, dtype=torch.long), torch.zeros(B, 5, dtype=torch.long)
+        shape_lut[img, slot + 1], color_lut[img, slot + 1] = shape + 1, color + 1
+        flat = obj.view(B, -1).long()  # (B, H*W)
+        shape_map = shape_lut.gather(1, flat).view_as(obj)  # (B, H, W)
+        color_map = color_lut.gather(1, flat).view_as(obj)
+
+        # colors and background are normalized before painting, which saves two full-size passes
+        fg = self._palette().index_select(1, color_map.view(-1))  # (3, B*H*W); 4x faster than pal[:, map]
+        fg = fg.view(3, *obj.shape).transpose(0, 1)  # (B, 3, H, W)
+        images = torch.where(color_map[:, None] > 0, fg, self._background(scenes))  # (B, 3, H, W)
+
+        ns, nc = len(SHAPES), len(COLORS)
+        attrs = torch.zeros(B, ns + nc + 4)
+        attrs[img, shape] = 1  # multi-hot shapes present
+        attrs[img, ns + color] = 1  # multi-hot colors present
+        attrs[torch.arange(B), ns + nc + torch.bincount(img, minlength=B) - 1] = 1  # one-hot count 1..4
+        return dict(images=images, shape_map=shape_map, color_map=color_map, attrs=attrs,
+                    captions=[sc[3] for sc in scenes])
+
+    def _object_ids(self, B, img, slot, cell, shape, big, jitter):
+        """Objects (N,) -> (B, H, W) uint8 map: 0 background, 1 + slot of the object covering a pixel."""
+        S = self.img_size
+        cw = S / 3  # cell width in pixels: geometry scales with img_size
+        r = torch.where(big, BIG, SMALL) * cw  # (N,)
+        slack = 0.8 * (0.5 * cw - r)  # center jitter that keeps the object inside its cell
+        cx = (cell % 3 + 0.5) * cw + jitter[:, 0] * slack
+        cy = (cell // 3 + 0.5) * cw + jitter[:, 1] * slack
+        p = torch.arange(S) + 0.5  # pixel centers
+        u = ((p - cx[:, None]) / r[:, None])[:, None, :]  # (N, 1, W)
+        v = ((p - cy[:, None]) / r[:, None])[:, :, None]  # (N, H, 1)
+
+        # each object is tested only against its own shape (a loop over 7 kinds, not over objects)
+        masks = torch.zeros(len(img), S, S, dtype=torch.bool)  # (N, H, W)
+        for k, fn in enumerate(_SHAPE_FNS.values()):
+            sel = (shape == k).nonzero().squeeze(1)
+            if len(sel):
+                masks[sel] = fn(u[sel], v[sel])
+        # objects never overlap, so summing 1 + slot over an image's objects paints them
+        obj = torch.zeros(B, S, S, dtype=torch.uint8)
+        ids = masks.to(torch.uint8) * (slot + 1).to(torch.uint8)[:, None, None]  # (N, H, W)
+        return obj.index_put_((img,), ids, accumulate=True)
+
+    @staticmethod
+    def _palette():  # (3, 1 + len(COLORS)) normalized colors; column 0 (background) is never shown
+        rgb = torch.tensor([(0, 0, 0)] + COLOR_RGB, dtype=torch.float32) / 255
+        return ((rgb - torch.tensor(MEAN)) / torch.tensor(STD)).T
+
+    def _background(self, scenes):
+        """Normalized base color + 2 sinusoids of random orientation, frequency (0.5-2.5 cycles per
+        image), phase and per-channel amplitude, as ONE batched matmul (cheaper than 3 full-size ops)."""
+        S, std = self.img_size, torch.tensor(STD)
+        base = (torch.tensor([sc[1] for sc in scenes]) - torch.tensor(MEAN)) / std  # (B, 3)
+        w = torch.tensor([sc[2] for sc in scenes])  # (B, 2, 6): angle, cycles, phase, 3 amplitudes
+        k = 2 * math.pi * w[..., 1] / S  # (B, 2) radians per pixel
+        a, b, phase = k * torch.cos(w[..., 0]), k * torch.sin(w[..., 0]), w[..., 2]
+        p = torch.arange(S) + 0.5
+        ax, by = a[..., None] * p, b[..., None] * p + phase[..., None]  # (B, 2, W), (B, 2, H)
+        # sin(a x + b y + phase) = cos(b y + phase) sin(a x) + sin(b y + phase) cos(a x): a sum of outer
+        # products of a column factor (H) and a row factor (W); a row of ones carries the base color
+        rows = torch.cat([ax.sin(), ax.cos(), torch.ones_like(ax[:, :1])], 1)  # (B, 5, W)
+        amp = (w[..., 3:] / std).repeat(1, 2, 1).transpose(1, 2)  # (B, 3, 4) per channel and factor
+        cols = torch.cat([by.cos(), by.sin()], 1)[:, None] * amp[..., None]  # (B, 3, 4, H)
+        cols = torch.cat([cols, base[:, :, None, None].expand(-1, -1, 1, S)], 2)  # (B, 3, 5, H)
+        return cols.transpose(2, 3) @ rows[:, None]  # (B, 3, H, 5) @ (B, 1, 5, W) -> (B, 3, H, W)
+
+    def __getitems__(self, keys):
+        """A batch of items rendered in one call (DataLoader uses this when it exists)."""
+        indices, seeds = zip(*map(_split_key, keys))
+        for i in indices:
+            if not 0 <= i < self.size:
+                raise IndexError(f"index {i} out of range for {self.size} shapes images")
+        out = self.render(indices)
+        return [dict(image=out["images"][j], captions=out["captions"][j], shape_map=out["shape_map"][j],
+                     color_map=out["color_map"][j], attrs=out["attrs"][j], seed=s)
+                for j, s in enumerate(seeds)]
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def captions_for_tokenizer(self):
+        for i in range(self.size):
+            yield from self._scene(i)[3]
+
+
+# -----------------------------------------------------------------------------
+# COCO captions
+
+
+class CocoCaptions(torch.utils.data.Dataset):
+    """COCO 2017 captions from the official layout: <data_dir>/{train,val}2017/*.jpg and
+    <data_dir>/annotations/captions_{train,val}2017.json. Images without captions or missing from
+    disk are left out (and counted); an unreadable image yields None, which Collate drops.
+    """
+
+    def __init__(self, data_dir="data/coco", split="train", img_size=224):
+        if split not in ("train", "val"):
+            raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
+        root = Path(data_dir)
+        img_dir, ann = root / f"{split}2017", root / "annotations" / f"captions_{split}2017.json"
+        fix = (f"Download {split}2017.zip and annotations_trainval2017.zip from cocodataset.org "
+               f"and unzip them into {root} (see README)")
+        for path in (root, ann, img_dir):
+            if not path.exists():
+                raise DataError(f"COCO not found: {path} is missing. {fix}")
+        images, annotations = _read_coco_json(ann)
+
+        caps = defaultdict(list)
+        for a in annotations:
+            caps[a["image_id"]].append(a["caption"].strip())
+        on_disk = {e.name for e in os.scandir(img_dir)}  # one directory scan, not one stat per image
+        self.files, self.captions = [], []
+        no_caps = missing = 0
+        for im in sorted(images, key=lambda im: im["id"]):
+            if not caps.get(im["id"]):
+                no_caps += 1
+            elif im["file_name"] not in on_disk:
+                missing += 1
+            else:
+                self.files.append(str(img_dir / im["file_name"]))
+                self.captions.append(caps[im["id"]])
+        if not self.files:
+            raise DataError(f"no usable COCO images: none of the {len(images)} images in {ann} is both "
+                            f"captioned and present in {img_dir}. {fix}")
+        print(f"coco {split}: {len(self.files)} images, {sum(map(len, self.captions))} captions; "
+              f"left out: {no_caps} without captions, {missing} missing files")
+        self.img_size, self.n_unreadable = img_size, 0  # n_unreadable counts in this process only
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        index, seed = _split_key(key)
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")  # handles grayscale, CMYK, RGBA, palette
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            self.n_unreadable += 1
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            print(f"skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
+            return None
+        # I-JEPA augmentation: RandomResizedCrop(scale=(0.3, 1)), no flip (as I-JEPA's default, and a
+        # flip would also contradict "left"/"right" in captions), no color jitter
+        i, j, h, w = _crop_params(img.width, img.height, random.Random(seed))
+        img = TF.resized_crop(img, i, j, h, w, [self.img_size, self.img_size], antialias=True)
+        image = _normalize(TF.to_tensor(img)[None])[0]  # (3, img_size, img_size)
+        return dict(image=image, captions=self.captions[index], seed=seed)
+
+    def captions_for_tokenizer(self):
+        for caps in self.captions:
+            yield from caps
+
+
+def _read_coco_json(ann):
+    """-> (images, annotations) lists, or a one-line DataError naming the file."""
+    redo = f"Re-download annotations_trainval2017.zip from cocodataset.org and unzip it into {ann.parent.parent}"
+    try:
+        with open(ann, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"COCO annotations unreadable: {ann} is not valid JSON ({e.msg} at line {e.lineno} "
+                        f"column {e.colno}). {redo}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"COCO annotations unreadable: {ann}: {e}. {redo}") from None
+    def has(entries, keys):  # a list of dicts that all carry these keys
+        return isinstance(entries, list) and all(isinstance(x, dict) and keys <= x.keys() for x in entries)
+
+    if not (isinstance(data, dict) and has(data.get("images"), {"id", "file_name"})
+            and has(data.get("annotations"), {"image_id", "caption"})):
+        raise DataError(f"COCO annotations unexpected: {ann} lacks 'images' [{{id, file_name}}] or "
+                        f"'annotations' [{{image_id, caption}}]; is it a captions file? {redo}")
+    return data["images"], data["annotations"]
+
+
+def _crop_params(width, height, rng, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop.get_params, but drawing from rng instead of torch's global generator."""
+    area, log_ratio = width * height, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # fallback, as torchvision: the whole image center-cropped to the nearest allowed ratio
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def train_tokenizer(captions, vocab_size, path):
+    """Lowercased WordPiece on words only: punctuation and symbols are dropped, so they never
+    become 'words' shared by every caption. [PAD] is id 0, [UNK] id 1."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                                special_tokens=["[PAD]", "[UNK]"]))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return tok
+
+
+def load_tokenizer(path):
+    if not Path(path).is_file():
+        raise DataError(f"tokenizer not found: {path} is missing. Train one with train_tokenizer (train.py "
+                        f"does it on first run) or point to an existing tokenizer json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exception
+        reason = (str(e).splitlines() or ["?"])[0]
+        raise DataError(f"tokenizer unreadable: {path}: {reason}. Delete it to train a new one") from None
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+class Collate:
+    """items -> batch: drops unreadable (None) items, picks n_captions captions per image without
+    replacement (seeded by the item's seed), tokenizes them in one call, pads to max_words.
+    Missing captions (an image with fewer) and captions with no words are all-padding rows."""
+
+    def __init__(self, tokenizer, n_captions=5, max_words=16):
+        self.tokenizer, self.n_captions, self.max_words = tokenizer, n_captions, max_words
+        self.n_empty = 0  # captions that tokenized to nothing (counts in this process only)
+
+    def __call__(self, items):
+        items = [it for it in items if it is not None]
+        if not items:
+            raise DataError("every image in this batch was unreadable: see the 'skipping' lines above "
+                            "and re-download the files they name")
+        B, C, S = len(items), self.n_captions, self.max_words
+        chosen = []
+        for it in items:  # strings: no way around a loop here; tokenizing is batched below
+            g = torch.Generator().manual_seed(it["seed"])
+            order = torch.randperm(len(it["captions"]), generator=g)[:C].tolist()
+            chosen.append([it["captions"][k] for k in order])
+        flat = [c for caps in chosen for c in caps]
+        encodings = self.tokenizer.encode_batch(flat, add_special_tokens=False)
+
+        rows = [b * C + c for b, caps in enumerate(chosen) for c in range(len(caps))]  # row of each caption
+        padded, lengths = [[0] * S] * (B * C), [0] * (B * C)  # rows without a caption stay all [PAD] (id 0)
+        for row, text, enc in zip(rows, flat, encodings):
+            ids = enc.ids[:S]  # truncate to max_words
+            if not ids:
+                if self.n_empty == 0:
+                    print(f"warning: caption {text!r} has no words after tokenizing; treated as absent "
+                          f"(further ones are only counted in Collate.n_empty)", file=sys.stderr)
+                self.n_empty += 1
+            padded[row], lengths[row] = ids + [0] * (S - len(ids)), len(ids)
+        tokens = torch.tensor(padded, dtype=torch.long).view(B, C, S)
+        word_mask = torch.arange(S) < torch.tensor(lengths).view(B, C, 1)  # (B, C, S) True for real words
+        batch = dict(images=torch.stack([it["image"] for it in items]), tokens=tokens, word_mask=word_mask,
+                     captions=chosen)
+        for key in ("shape_map", "color_map", "attrs"):  # shapes items only
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+
+def patch_labels(label_map, patch_size):
+    """(B, H, W) int labels -> (B, (H/p)*(W/p)) majority label per patch, raster order.
+    Ties go to the smallest label (e.g. background 0)."""
+    B, H, W = label_map.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"label map {H}x{W} is not a whole number of {patch_size}px patches")
+    h, w, p = H // patch_size, W // patch_size, patch_size
+    K = int(label_map.max()) + 1
+    pid = (torch.arange(H)[:, None] // p * w + torch.arange(W) // p).view(1, -1)  # (1, H*W) patch of each pixel
+    key = label_map.reshape(B, -1).long() * (h * w) + pid  # (B, H*W) one bin per (label, patch)
+    counts = torch.zeros(B, K * h * w).scatter_add_(1, key, torch.ones(B, H * W))
+    return counts.view(B, K, h * w).argmax(1)  # argmax returns the first maximum -> smallest label

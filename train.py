@@ -1,0 +1,365 @@
+"""
+Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data or on COCO captions.
+
+  python train.py                                   # CPU or one GPU, built-in data, no download
+  torchrun train.py --dataset coco                  # COCO 2017 in data/coco, ViT-B/16 at 224
+  torchrun --standalone --nproc_per_node=8 train.py --dataset coco --data_dir /data/coco
+
+Every field of TrainConfig and TCJEPAConfig is a flag (python train.py --help).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from tcjepa import TCJEPA, TCJEPAConfig, sample_masks
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "shapes"  # "shapes" (built-in, no download) or "coco" (COCO 2017 captions)
+    data_dir: str = "data/coco"  # COCO root with train2017/, val2017/, annotations/
+    shapes_size: int = 20000  # number of training images of the built-in dataset
+    tokenizer: str = ""  # an existing tokenizer.json; default: train one into out_dir at first run
+    num_workers: int = 0  # DataLoader workers per process (COCO decoding wants several)
+    # run
+    out_dir: str = "out"  # checkpoint, log.jsonl and tokenizer go here
+    max_steps: int = 1500  # optimizer steps
+    batch_size: int = 64  # images per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    seed: int = 0  # everything random (data order, crops, captions, masks) derives from it
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    compile: str = "auto"  # torch.compile the model: "auto" (= on for CUDA), "on", "off"
+    resume: str = ""  # a checkpoint to continue from ("auto" = out_dir/ckpt.pt if present)
+    # optimization (I-JEPA: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
+    lr: float = 1e-3  # peak learning rate
+    start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr
+    final_lr: float = 1e-6  # learning rate at the end of the cosine
+    warmup_steps: int = 100  # linear warmup steps
+    weight_decay: float = 0.04  # at step 0, cosine to final_weight_decay (biases, norms: none)
+    final_weight_decay: float = 0.4
+    ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, PAPER.md sec. 3)
+    ema_end: float = 1.0  # EMA momentum at the last step
+    # logging, evaluation, checkpoints
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 250  # steps between validation losses (true / shuffled / no captions)
+    save_every: int = 250  # steps between checkpoints (and one at the end)
+    val_size: int = 256  # validation images for the fixed-mask losses
+
+
+# -----------------------------------------------------------------------------
+# command line: generated from the two config dataclasses
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    return type(default)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["shapes", "vit_b16"], default=None,
+                   help="model size preset (default: shapes; vit_b16 for --dataset coco)")
+    for title, cls in (("training", TrainConfig), ("model (TCJEPAConfig)", TCJEPAConfig)):
+        group = p.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if isinstance(default, tuple):  # ranges such as target_scale: two numbers
+                group.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"default {default}")
+            else:
+                group.add_argument(f"--{f.name}", type=_flag_type(default), default=None, help=f"default {default!r}")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in given.items() if k in tfields})
+    preset = args.preset or ("vit_b16" if tcfg.dataset == "coco" else "shapes")
+    mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig()
+    mcfg = dataclasses.replace(mcfg, **{k: (tuple(v) if isinstance(v, list) else v)
+                                        for k, v in given.items() if k not in tfields and k != "preset"})
+    if tcfg.dataset not in ("shapes", "coco"):
+        p.error(f"--dataset must be 'shapes' or 'coco', got {tcfg.dataset!r}")
+    return tcfg, mcfg
+
+
+# -----------------------------------------------------------------------------
+# schedules (I-JEPA), seeds, checkpoints
+
+
+def schedules(step, t):
+    """lr: linear warmup start_lr -> lr, then cosine to final_lr; weight decay: cosine
+    weight_decay -> final_weight_decay; EMA momentum: linear ema_start -> ema_end."""
+    frac = step / max(1, t.max_steps)
+    if step < t.warmup_steps:
+        lr = t.start_lr + (t.lr - t.start_lr) * step / t.warmup_steps
+    else:
+        p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        lr = t.final_lr + 0.5 * (t.lr - t.final_lr) * (1 + math.cos(math.pi * p))
+    wd = t.final_weight_decay + 0.5 * (t.weight_decay - t.final_weight_decay) * (1 + math.cos(math.pi * frac))
+    momentum = t.ema_start + (t.ema_end - t.ema_start) * frac
+    return lr, wd, momentum
+
+
+def seeded(*parts):
+    """A CPU generator for one (seed, step, rank, ...) tuple: runs resume exactly, ranks differ."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x)) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+class StepSampler:
+    """Batches of (index, sample_seed) for steps start, start+1, ...: each epoch is a permutation
+    drawn from (seed, epoch), split across ranks as DistributedSampler does, so a resumed run sees
+    exactly the batches the uninterrupted one would have seen."""
+
+    def __init__(self, n, batch_size, seed, rank, world, start_step, micro_steps):
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.start = start_step * micro_steps
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise data.DataError(f"batch size {batch_size} x {world} processes is larger than the dataset "
+                                 f"({n} images): lower --batch_size")
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            epoch, k = divmod(i, self.per_epoch)
+            perm = torch.randperm(self.n, generator=seeded(self.seed, epoch))
+            lo = (k * self.world + self.rank) * self.bs
+            seeds = torch.randint(0, 2**31 - 1, (self.bs,), generator=seeded(self.seed, i, self.rank, 7))
+            yield list(zip(perm[lo:lo + self.bs].tolist(), seeds.tolist()))
+            i += 1
+
+
+def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer_path):
+    """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file)."""
+    state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
+                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer=tokenizer_path,
+                 rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: does the predictor use the text?
+
+
+@torch.no_grad()
+def val_losses(raw_model, val_batches, device, autocast):
+    """Prediction loss on fixed val images and fixed masks with the true captions, captions shuffled
+    across images, and no captions: the cheapest sign that the text is used (PAPER.md sec. 3)."""
+    raw_model.eval()
+    sums = dict(true=0.0, shuffled=0.0, none=0.0)
+    for b in val_batches:
+        images, tokens, wm, ctx, tgt = (b[k].to(device) for k in ("images", "tokens", "word_mask", "ctx", "tgt"))
+        variants = dict(true=(tokens, wm), shuffled=(tokens.roll(1, 0), wm.roll(1, 0)),
+                        none=(tokens, torch.zeros_like(wm)))
+        for name, (tok, w) in variants.items():
+            with autocast:
+                sums[name] += raw_model(images, ctx, tgt, tok, w)["loss_pred"].item() / len(val_batches)
+    raw_model.train()
+    return sums
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    tcfg, mcfg = parse_args(argv)
+
+    # ---- distributed setup (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
+    ddp = "RANK" in os.environ
+    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    print0 = print if master else (lambda *a, **k: None)
+    torch.manual_seed(tcfg.seed)
+
+    # ---- data and tokenizer
+    os.makedirs(tcfg.out_dir, exist_ok=True)
+    if tcfg.dataset == "shapes":
+        train_set = data.ShapesDataset("train", size=tcfg.shapes_size, img_size=mcfg.img_size, seed=tcfg.seed)
+        val_set = data.ShapesDataset("val", img_size=mcfg.img_size, seed=tcfg.seed)
+    else:
+        train_set = data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size)
+        val_set = data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size)
+    ckpt = None
+    resume = os.path.join(tcfg.out_dir, "ckpt.pt") if tcfg.resume == "auto" else tcfg.resume
+    if resume and os.path.exists(resume):
+        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    elif tcfg.resume and tcfg.resume != "auto":
+        raise data.DataError(f"--resume {tcfg.resume}: no such checkpoint")
+    tok_path = tcfg.tokenizer or (ckpt["tokenizer"] if ckpt else os.path.join(tcfg.out_dir, "tokenizer.json"))
+    if not os.path.exists(tok_path) and not tcfg.tokenizer:
+        if master:  # train once on the training captions; the other ranks wait and load it
+            data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
+        if ddp:
+            dist.barrier()
+    tokenizer = data.load_tokenizer(tok_path)
+    if tokenizer.get_vocab_size() > mcfg.vocab_size:
+        mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
+    collate = data.Collate(tokenizer, mcfg.n_captions, mcfg.max_words)
+
+    # ---- model, optimizer, compile, DDP
+    model = TCJEPA(mcfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=tcfg.lr, betas=(0.9, 0.999), fused=use_cuda)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"] + 1
+        torch.set_rng_state(ckpt["rng"])
+        print0(f"resumed from {resume} at step {start_step}")
+    raw_model = model  # uncompiled: checkpoints and the EMA update use it (no "_orig_mod." keys)
+    if tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda):
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    n_params = sum(p.numel() for p in decay + no_decay)
+    print0(f"{tcfg.dataset}: {len(train_set)} train images | model {n_params / 1e6:.2f}M trainable params | "
+           f"text_cond={mcfg.text_cond} | {world} x {device.type} | torch {torch.__version__}")
+
+    # ---- loaders: the train stream, and fixed val batches with fixed masks
+    sampler = StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rank, world, start_step, tcfg.grad_accum)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=tcfg.num_workers, pin_memory=use_cuda,
+                                         persistent_workers=tcfg.num_workers > 0)
+    val_batches = []
+    n_val = min(tcfg.val_size, len(val_set))
+    for i in range(0, n_val, tcfg.batch_size):
+        keys = [(j, 1000 + j) for j in range(i, min(n_val, i + tcfg.batch_size))]
+        b = collate([val_set[k] for k in keys])
+        b["ctx"], b["tgt"] = sample_masks(len(keys), mcfg, seeded(tcfg.seed, 10**9, i))
+        val_batches.append(b)
+
+    # ---- training loop
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
+        signal.signal(sig, lambda s, f: stop.update(signal=signal.Signals(s).name))
+    peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+    gpu = torch.cuda.get_device_name(device) if use_cuda else ""
+    peak_flops = next((v for k, v in peak.items() if k in gpu), None)
+    bar = None
+    if master:
+        from tqdm import tqdm
+        bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
+    data_iter = iter(loader)
+    dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
+    running = None  # loss parts summed on the device since the last log line (no sync per step)
+    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, kept on the device
+    t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
+    for step in range(start_step, tcfg.max_steps):
+        lr, wd, momentum = schedules(step, tcfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.param_groups[0]["weight_decay"] = wd
+        for micro in range(tcfg.grad_accum):
+            batch = next(data_iter)
+            B = batch["images"].size(0)
+            ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync
+            images, tokens, wm, ctx, tgt = (x.to(device, non_blocking=True) for x in
+                                            (batch["images"], batch["tokens"], batch["word_mask"], ctx, tgt))
+            if dynamic:  # block sizes change per batch: one compiled graph for all of them
+                torch._dynamo.mark_dynamic(ctx, 1)
+                torch._dynamo.mark_dynamic(tgt, 2)
+            sync = nullcontext() if (not ddp or micro == tcfg.grad_accum - 1) else model.no_sync()
+            with sync, autocast:
+                out = model(images, ctx, tgt, tokens, wm)
+            with sync:
+                (out["loss"] / tcfg.grad_accum).backward()
+            parts = torch.stack([out[k].detach().float() for k in
+                                 ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")])
+            running = parts if running is None else running + parts
+            first_bad = torch.where((first_bad < 0) & ~parts[0].isfinite(), step + 1, first_bad)
+            imgs += B * world
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        raw_model.update_target(momentum)
+
+        last = step == tcfg.max_steps - 1
+        save = (step + 1) % tcfg.save_every == 0 or last or stop["signal"]
+        if (step + 1) % tcfg.log_every == 0 or save:  # every save is preceded by a NaN check
+            if ddp:
+                dist.all_reduce(running, op=dist.ReduceOp.AVG)
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            if first_bad.item() > 0:
+                print0(f"\nloss is not finite at step {first_bad.item()}: stopping without saving. "
+                       f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
+                break
+            n = step + 1 - log_start
+            vals = (running / (n * tcfg.grad_accum)).tolist()
+            if use_cuda:
+                torch.cuda.synchronize()
+            dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
+            flops = raw_model.flops_per_image(ctx.size(1), tgt.size(2)) * imgs / dt / world
+            rec = dict(step=step + 1, loss=vals[0], loss_pred=vals[1], loss_sparse=vals[2], loss_consist=vals[3],
+                       pos_frac=vals[4], attn_entropy=vals[5], lr=lr, momentum=momentum, weight_decay=wd,
+                       ms_per_step=1000 * dt / n, img_per_s=imgs / dt,
+                       mfu=flops / peak_flops if peak_flops else None)
+            running, t0, t_excl, imgs, log_start = None, time.time(), 0.0, 0, step + 1
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        t_pause = time.time()
+        if (step + 1) % tcfg.eval_every == 0 or last:
+            v = val_losses(raw_model, val_batches, device, autocast)
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(dict(step=step + 1, val_true=v["true"], val_shuffled=v["shuffled"],
+                                            val_none=v["none"])) + "\n")
+                bar.write(f"step {step + 1}: val loss_pred true {v['true']:.4f} | shuffled {v['shuffled']:.4f} "
+                          f"| no captions {v['none']:.4f}")
+        if save:
+            if master:
+                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tok_path)
+            last_good = f"{ckpt_path} (step {step + 1})"
+        t_excl += time.time() - t_pause
+        if bar:
+            bar.update(1)
+        if stop["signal"]:
+            print0(f"\n{stop['signal']}: saved {ckpt_path} at step {step + 1}; continue with --resume {ckpt_path}")
+            break
+    if bar:
+        bar.close()
+    print0(f"checkpoint: {ckpt_path}\nlog: {log_path}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
