@@ -39,13 +39,13 @@ class TCJEPAConfig:
     img_size: int = 64  # input resolution (square)
     patch_size: int = 8  # patch side in pixels -> an 8x8 grid at 64 px
     in_chans: int = 3  # RGB
-    width: int = 192  # encoder width D
-    depth: int = 6  # encoder blocks
-    heads: int = 3  # encoder attention heads (predictor uses the same number, as I-JEPA)
+    width: int = 128  # encoder width D
+    depth: int = 4  # encoder blocks
+    heads: int = 4  # encoder attention heads (predictor uses the same number, as I-JEPA)
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width (ViT)
     # predictor (I-JEPA: width 384, depth 6 for ViT-B)
-    pred_width: int = 96  # predictor width P
-    pred_depth: int = 4  # predictor blocks
+    pred_width: int = 64  # predictor width P
+    pred_depth: int = 3  # predictor blocks
     # multi-block masking (I-JEPA values)
     n_targets: int = 4  # target blocks M per image
     target_scale: tuple = (0.15, 0.2)  # fraction of patches in one target block
@@ -58,9 +58,11 @@ class TCJEPAConfig:
     vocab_size: int = 1024  # tokenizer vocabulary (id 0 = padding)
     max_words: int = 16  # S: captions are padded / truncated to this many tokens
     n_captions: int = 5  # C: captions per image (COCO has 5; the paper uses 8)
-    text_width: int = 96  # T: width of the learned word embeddings (paper: frozen T5)
+    text_width: int = 64  # T: width of the learned word embeddings (paper: frozen T5)
     sparse_coef: float = 0.1  # lambda, weight of the sparsity loss (paper: 0.1)
     consist_coef: float = 0.5  # beta, weight of the cross-layer consistency loss (paper: 0.5)
+    cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
+    text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
     # loss
     pred_loss: str = "smooth_l1"  # "smooth_l1" (official I-JEPA code) or "l2" (I-JEPA paper)
 
@@ -296,7 +298,8 @@ class Predictor(nn.Module):
     """I-JEPA predictor: Linear(D->P) on context features + positions, one mask token per target
     patch (shared vector + position), ViT blocks, LayerNorm, Linear(P->D) on the mask tokens.
     The M target blocks are M sequences of one batched call (context repeated per block). With
-    text_cond == "cross" every block is followed by a TextConditioner."""
+    text_cond == "cross" every block (paper; or the first cond_layers) is followed by a
+    TextConditioner."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -305,8 +308,8 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(P) * 0.02)
         self.register_buffer("pos", sincos_2d(cfg.grid, P), persistent=False)
         self.blocks = nn.ModuleList(Block(P, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
-        cross = cfg.text_cond == "cross"
-        self.conds = nn.ModuleList(TextConditioner(cfg) for _ in range(cfg.pred_depth)) if cross else None
+        n_cond = 0 if cfg.text_cond == "none" else (cfg.pred_depth if cfg.cond_layers < 0 else cfg.cond_layers)
+        self.conds = nn.ModuleList(TextConditioner(cfg) for _ in range(n_cond))
         self.norm, self.proj = nn.LayerNorm(P), nn.Linear(P, cfg.width)
 
     def forward(self, z, ctx, tgt, words=None, word_mask=None):
@@ -321,7 +324,7 @@ class Predictor(nn.Module):
         sims, ents = [], []
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if self.conds is not None and words is not None:
+            if i < len(self.conds) and words is not None:
                 # text is per image: put an image's M sequences side by side as one query set
                 x, s, e = self.conds[i](x.view(B, -1, x.size(-1)), words, word_mask)  # (B, M*L, P)
                 x = x.view(B * M, -1, x.size(-1))  # (B*M, L, P)
@@ -368,6 +371,10 @@ class TCJEPA(nn.Module):
             targets = gather_tokens(h, tgt.flatten(1)).view(B, M, Nt, -1)  # (B, M, Nt, D)
         z = self.encoder(images, ctx)  # (B, Nc, D)
         words = self.text(tokens) if (self.text is not None and tokens is not None) else None
+        if words is not None and self.cfg.text_pool == "mean":  # ablation: caption-level conditioning
+            w = word_mask[..., None].float()  # (B, C, S, 1)
+            words = (words * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)  # (B, C, 1, T)
+            word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
         pred, sims, attn_entropy = self.predictor(z, ctx, tgt, words, word_mask)
         if self.cfg.pred_loss == "l2":  # I-JEPA paper: squared L2 per patch, averaged
             loss_pred = (pred.float() - targets).pow(2).sum(-1).mean()
@@ -398,7 +405,8 @@ class TCJEPA(nn.Module):
         """Matmul FLOPs of one training step per image (nanoGPT-style estimate: 2 per multiply-add,
         backward = 2x forward). n_ctx / n_tgt: context patches and patches per target block."""
         c = self.cfg
-        D, P, N, M, C, S, T = c.width, c.pred_width, c.grid**2, c.n_targets, c.n_captions, c.max_words, c.text_width
+        D, P, N, M, C, T = c.width, c.pred_width, c.grid**2, c.n_targets, c.n_captions, c.text_width
+        S = 1 if c.text_pool == "mean" else c.max_words
         hid, phid = int(D * c.mlp_ratio), int(P * c.mlp_ratio)
 
         def vit(L, W, h):  # forward FLOPs of one pre-norm block on L tokens of width W
@@ -412,5 +420,5 @@ class TCJEPA(nn.Module):
         if c.text_cond == "cross":
             Q = M * L  # tokens that query the words, per image
             per_layer = 2 * Q * P * P + 2 * 2 * C * S * T * P + 2 * 2 * Q * C * S * P + 2 * Q * 2 * P * phid
-            pred += c.pred_depth * per_layer
+            pred += len(self.predictor.conds) * per_layer
         return target + 3 * (context + pred)

@@ -59,6 +59,10 @@ class TrainConfig:
     eval_every: int = 250  # steps between validation losses (true / shuffled / no captions)
     save_every: int = 250  # steps between checkpoints (and one at the end)
     val_size: int = 256  # validation images for the fixed-mask losses
+    probe_train: int = 2000  # shapes: train images the linear probes are fitted on (val: the val split)
+    eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
+    # controls and ablations
+    shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
 
 # -----------------------------------------------------------------------------
@@ -178,6 +182,79 @@ def val_losses(raw_model, val_batches, device, autocast):
 
 
 # -----------------------------------------------------------------------------
+# linear probes on frozen TARGET-encoder features (shapes: per-patch and per-image ground truth)
+
+
+def ridge_fit(X, Y, weight=None, lam=1e-3):
+    """Closed-form (weighted) ridge regression on standardized features: deterministic and fast.
+    X (n, D), Y (n, K) targets, weight (n,) -> a function mapping features to (n, K) scores."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Xs = torch.cat([(X - mu) / sd, torch.ones(len(X), 1)], 1).double()  # (n, D+1) with a bias column
+    w = (torch.ones(len(X)) if weight is None else weight / weight.mean()).double()[:, None]
+    A = Xs.T @ (w * Xs) + lam * len(X) * torch.eye(Xs.size(1), dtype=torch.float64)
+    W = torch.linalg.solve(A, Xs.T @ (w * Y.double()))  # (D+1, K)
+    return lambda Z: (torch.cat([(Z - mu) / sd, torch.ones(len(Z), 1)], 1).double() @ W).float()
+
+
+def class_probe(Xtr, ytr, Xte, yte, n_classes):
+    """Mean per-class accuracy of a ridge classifier (one-hot targets, classes weighted equally so
+    that background patches do not drown the objects), over the classes present in yte."""
+    freq = torch.bincount(ytr, minlength=n_classes).float().clamp(min=1)
+    scores = ridge_fit(Xtr, F.one_hot(ytr, n_classes).float(), weight=1 / freq[ytr])(Xte)
+    pred = scores.argmax(1)
+    accs = [(pred[yte == c] == c).float().mean() for c in range(n_classes) if (yte == c).any()]
+    return torch.stack(accs).mean().item()
+
+
+def average_precision(scores, labels):
+    """Mean over columns of the average precision of ranking (n, K) scores against 0/1 labels."""
+    aps = []
+    for k in range(labels.size(1)):
+        order = scores[:, k].argsort(descending=True)
+        hits = labels[order, k]
+        if hits.sum() == 0:
+            continue
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        aps.append((precision * hits).sum() / hits.sum())
+    return torch.stack(aps).mean().item()
+
+
+@torch.no_grad()
+def shapes_features(raw_model, dataset, n, device, autocast, batch_size=250):
+    """Target-encoder patch features (n, N, D) and ground truth of the first n images."""
+    raw_model.eval()
+    feats, gt = [], []
+    for i in range(0, n, batch_size):
+        out = dataset.render(list(range(i, min(n, i + batch_size))))
+        with autocast:
+            feats.append(raw_model.encode(out["images"].to(device)).float().cpu())
+        p = raw_model.cfg.patch_size
+        gt.append((data.patch_labels(out["shape_map"], p), data.patch_labels(out["color_map"], p), out["attrs"]))
+    raw_model.train()
+    shape, color, attrs = (torch.cat(x) for x in zip(*gt))
+    return torch.cat(feats), shape, color, attrs
+
+
+def probes(raw_model, train_set, val_set, n_train, device, autocast):
+    """Dense probes (what covers each patch: background or a shape; its color) and image probes
+    (which shapes / colors are present, how many objects) on the shapes val split."""
+    ftr, str_, ctr, atr = shapes_features(raw_model, train_set, n_train, device, autocast)
+    fte, ste, cte, ate = shapes_features(raw_model, val_set, len(val_set), device, autocast)
+    D, ns, nc = ftr.size(-1), len(data.SHAPES), len(data.COLORS)
+    res = dict(dense_shape=class_probe(ftr.reshape(-1, D), str_.flatten(), fte.reshape(-1, D), ste.flatten(), ns + 1),
+               dense_color=class_probe(ftr.reshape(-1, D), ctr.flatten(), fte.reshape(-1, D), cte.flatten(), nc + 1))
+    on_tr, on_te = str_.flatten() > 0, ste.flatten() > 0  # object patches only: shape among 7 kinds
+    res["dense_shape_obj"] = class_probe(ftr.reshape(-1, D)[on_tr], str_.flatten()[on_tr] - 1,
+                                         fte.reshape(-1, D)[on_te], ste.flatten()[on_te] - 1, ns)
+    gtr, gte = ftr.mean(1), fte.mean(1)  # average-pooled image features (I-JEPA's probe input)
+    scores = ridge_fit(gtr, atr)(gte)
+    res["img_shape_ap"] = average_precision(scores[:, :ns], ate[:, :ns])
+    res["img_color_ap"] = average_precision(scores[:, ns:ns + nc], ate[:, ns:ns + nc])
+    res["img_count_acc"] = class_probe(gtr, atr[:, ns + nc:].argmax(1), gte, ate[:, ns + nc:].argmax(1), 4)
+    return res
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -227,6 +304,7 @@ def main(argv=None):
     collate = data.Collate(tokenizer, mcfg.n_captions, mcfg.max_words)
 
     # ---- model, optimizer, compile, DDP
+    torch.manual_seed(tcfg.seed)  # the same init for the same seed (the random-init probe rebuilds it)
     model = TCJEPA(mcfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
@@ -274,6 +352,23 @@ def main(argv=None):
     if master:
         from tqdm import tqdm
         bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
+    def evaluate(at_step):
+        v = val_losses(raw_model, val_batches, device, autocast)
+        rec = dict(step=at_step, val_true=v["true"], val_shuffled=v["shuffled"], val_none=v["none"])
+        if master and tcfg.dataset == "shapes":
+            rec.update(probes(raw_model, train_set, val_set, tcfg.probe_train, device, autocast))
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"step {at_step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items() if k != "step"))
+        return rec
+
+    if tcfg.eval_only:
+        if ckpt is None:
+            raise data.DataError("--eval_only needs --resume <checkpoint>")
+        evaluate(start_step)
+        return
+
     data_iter = iter(loader)
     dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
     running = None  # loss parts summed on the device since the last log line (no sync per step)
@@ -290,6 +385,8 @@ def main(argv=None):
             ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync
             images, tokens, wm, ctx, tgt = (x.to(device, non_blocking=True) for x in
                                             (batch["images"], batch["tokens"], batch["word_mask"], ctx, tgt))
+            if tcfg.shuffle_captions:  # control: every image gets the captions of its neighbour
+                tokens, wm = tokens.roll(1, 0), wm.roll(1, 0)
             if dynamic:  # block sizes change per batch: one compiled graph for all of them
                 torch._dynamo.mark_dynamic(ctx, 1)
                 torch._dynamo.mark_dynamic(tgt, 2)
@@ -334,13 +431,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         t_pause = time.time()
         if (step + 1) % tcfg.eval_every == 0 or last:
-            v = val_losses(raw_model, val_batches, device, autocast)
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(dict(step=step + 1, val_true=v["true"], val_shuffled=v["shuffled"],
-                                            val_none=v["none"])) + "\n")
-                bar.write(f"step {step + 1}: val loss_pred true {v['true']:.4f} | shuffled {v['shuffled']:.4f} "
-                          f"| no captions {v['none']:.4f}")
+            evaluate(step + 1)
         if save:
             if master:
                 save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tok_path)
@@ -353,7 +444,19 @@ def main(argv=None):
             break
     if bar:
         bar.close()
+    if master and tcfg.dataset == "shapes" and "rec" in dir() and not stop["signal"]:
+        torch.manual_seed(tcfg.seed)  # the very same encoder at initialization: random features are a strong baseline
+        init = probes(TCJEPA(mcfg).to(device), train_set, val_set, tcfg.probe_train, device, autocast)
+        final = json.loads(open(log_path).read().strip().splitlines()[-1])
+        print("\nlinear probes on the frozen target encoder (shapes val):")
+        print(f"{'probe':<18}{'random init':>12}{'trained':>10}")
+        for k, x in init.items():
+            print(f"{k:<18}{x:>12.4f}{final.get(k, float('nan')):>10.4f}")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(dict(step=0, init_probes=init)) + "\n")
     print0(f"checkpoint: {ckpt_path}\nlog: {log_path}")
+    if ddp:
+        dist.barrier()
     if ddp:
         dist.destroy_process_group()
 
