@@ -6,7 +6,7 @@ Two sources of (image, captions):
                  with 5 captions and per-pixel ground truth (shape_map, color_map) for probes.
                  Rendered on the fly, a whole batch in one vectorized call.
   CocoCaptions   the real COCO 2017 captions layout, with I-JEPA's crop augmentation.
-Then a WordPiece tokenizer, Collate (picks and tokenizes captions into a batch), and patch_labels
+Then a word-level tokenizer, Collate (picks and tokenizes captions into a batch), and patch_labels
 (one majority label per ViT patch, for dense probes).
 
 Shape legend: B batch, C captions per image, S words per caption, H/W pixels, N objects in a batch.
@@ -19,13 +19,13 @@ import math
 import os
 import random
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 
 class DataError(Exception):
@@ -371,16 +371,21 @@ def _crop_params(width, height, rng, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def train_tokenizer(captions, vocab_size, path):
-    """Lowercased WordPiece on words only: punctuation and symbols are dropped, so they never
-    become 'words' shared by every caption. [PAD] is id 0, [UNK] id 1."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """Lowercased word-level tokenizer: one token per word, the vocab_size - 2 most frequent words
+    of the captions (ties broken alphabetically, so ids are the same on every run; the `tokenizers`
+    trainers number tokens in hash-map order). [PAD] is id 0, [UNK] id 1 for all other words.
+    Punctuation and symbols are dropped, so they never become 'words' shared by every caption."""
+    tok = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([
         normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
         normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                special_tokens=["[PAD]", "[UNK]"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    counts = Counter()
+    for c in captions:
+        counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(c)))
+    words = sorted(counts, key=lambda w: (-counts[w], w))[: max(0, vocab_size - 2)]
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok.model = models.WordLevel(vocab=vocab, unk_token="[UNK]")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return tok

@@ -314,13 +314,13 @@ class Predictor(nn.Module):
 
     def forward(self, z, ctx, tgt, words=None, word_mask=None):
         """z (B, Nc, D) context features at ctx (B, Nc); tgt (B, M, Nt). Returns predictions
-        (B, M, Nt, D), the similarities (pred_depth, B, M*L, C, S) and the mean attention
+        (B*M, Nt, D) (block-major, as tgt.flatten(0, 1)), the similarities (layers, B, M*L, C, S) and the mean attention
         entropy (both None without text)."""
         (B, Nc), (M, Nt) = ctx.shape, tgt.shape[1:]
         x = self.embed(z) + self.pos[ctx]  # (B, Nc, P)
-        x = x[:, None].expand(B, M, Nc, -1)  # (B, M, Nc, P): the context, once per target block
-        m = self.mask_token + self.pos[tgt]  # (B, M, Nt, P)
-        x = torch.cat([x, m], 2).flatten(0, 1)  # (B*M, L, P)
+        x = x.repeat_interleave(M, 0)  # (B*M, Nc, P): the context, once per target block
+        m = self.mask_token + self.pos[tgt.flatten(0, 1)]  # (B*M, Nt, P)
+        x = torch.cat([x, m], 1)  # (B*M, L, P)
         sims, ents = [], []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -332,8 +332,8 @@ class Predictor(nn.Module):
                 ents.append(e)
         x = self.proj(self.norm(x[:, Nc:]))  # (B*M, Nt, D): keep the mask tokens only
         if not sims:
-            return x.view(B, M, Nt, -1), None, None
-        return x.view(B, M, Nt, -1), torch.stack(sims), torch.stack(ents).mean()
+            return x, None, None
+        return x, torch.stack(sims), torch.stack(ents).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -368,7 +368,7 @@ class TCJEPA(nn.Module):
         with torch.no_grad():  # targets: last layer of the EMA encoder, layer-normed again (I-JEPA)
             h = self.target(images)  # (B, N, D)
             h = F.layer_norm(h, h.shape[-1:])
-            targets = gather_tokens(h, tgt.flatten(1)).view(B, M, Nt, -1)  # (B, M, Nt, D)
+            targets = gather_tokens(h, tgt.flatten(1)).view(B * M, Nt, -1)  # (B*M, Nt, D)
         z = self.encoder(images, ctx)  # (B, Nc, D)
         words = self.text(tokens) if (self.text is not None and tokens is not None) else None
         if words is not None and self.cfg.text_pool == "mean":  # ablation: caption-level conditioning

@@ -212,7 +212,9 @@ def test_padded_captions_ignored_real_captions_matter():
     torch.testing.assert_close(predict(t2), base)
     t3 = tokens.clone()
     t3[0, 0] = (t3[0, 0] % (cfg.vocab_size - 1)) + 1  # edit a real caption
-    assert (predict(t3)[0] - base[0]).abs().max() > 1e-4
+    M = cfg.n_targets
+    assert (predict(t3)[:M] - base[:M]).abs().max() > 1e-4  # rows 0..M-1: image 0's target blocks
+    torch.testing.assert_close(predict(t3)[M:], base[M:])  # image 1 is untouched
 
 
 def test_ema_target_no_grad_and_no_text_params():
@@ -618,3 +620,143 @@ def test_patch_labels_matches_loop(H, W, p):
                 expect[b, i * (W // p) + j] = max(counts, key=lambda k: (counts[k], -k))
     assert torch.equal(patch_labels(maps, p), expect)
     assert expect[0, 0] == 0
+
+
+# =============================================================================
+# train.py
+
+import os
+import signal
+import subprocess
+import sys
+
+import train
+
+TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--pred_width", "16", "--pred_depth", "2",
+        "--text_width", "16", "--vocab_size", "128", "--batch_size", "8", "--shapes_size", "64", "--val_size", "16",
+        "--probe_train", "40", "--log_every", "1", "--eval_every", "1000", "--save_every", "1000", "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(*args, check=True, **kw):
+    out = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, env=ENV,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), **kw)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def train_log(out_dir):
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    return {r["step"]: r for r in recs if "loss" in r}
+
+
+def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    out = run_train(*TINY, "--max_steps", "12", "--out_dir", a, "--eval_every", "6")
+    assert "checkpoint:" in out.stdout and "random init" in out.stdout and os.path.exists(f"{a}/ckpt.pt")
+    full = train_log(a)
+    assert sorted(full) == list(range(1, 13)) and full[12]["loss"] < full[1]["loss"]
+    assert {"loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy", "lr", "momentum",
+            "ms_per_step", "img_per_s", "mfu"} <= set(full[1])
+    evals = [json.loads(line) for line in open(f"{a}/log.jsonl") if "val_true" in line]
+    assert {"val_true", "val_shuffled", "val_none", "dense_shape", "img_count_acc"} <= set(evals[0])
+    # the same run, stopped by SIGTERM part-way, then resumed: the same losses step for step
+    args = [*TINY, "--max_steps", "12", "--out_dir", b, "--eval_every", "6"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)))
+    deadline = time.time() + 120
+    while not (os.path.exists(f"{b}/log.jsonl") and len(train_log(b)) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM: saved" in text, text[-2000:]
+    stopped = max(train_log(b))
+    if stopped < 12:  # (a fast machine may finish before the signal lands)
+        run_train(*args, "--resume", f"{b}/ckpt.pt")
+        resumed = train_log(b)
+        assert sorted(resumed) == list(range(1, 13))
+        for s in range(stopped + 1, 13):
+            assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
+    out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--eval_only", "true")
+    assert "val_true" in out.stdout and "dense_shape" in out.stdout
+
+
+def test_train_errors_are_one_line(tmp_path):
+    cases = [
+        (["--dataset", "coco", "--data_dir", str(tmp_path / "nowhere")], "nowhere"),
+        (["--batch_size", "100", "--shapes_size", "50"], "lower --batch_size"),
+        (["--no_such_flag", "1"], "unrecognized arguments"),
+        (["--resume", str(tmp_path / "missing.pt")], "no such checkpoint"),
+    ]
+    for extra, needle in cases:
+        out = run_train(*TINY, "--out_dir", str(tmp_path / "o"), *extra, check=False)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+
+def test_train_stops_on_nan_naming_the_step(tmp_path, monkeypatch, capsys):
+    forward = train.TCJEPA.forward
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, *a, **k):
+        out = forward(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train.TCJEPA, "forward", nan_at_step_5)
+    out_dir = str(tmp_path / "nan")
+    train.main([*TINY, "--max_steps", "10", "--out_dir", out_dir, "--save_every", "2", "--log_every", "3"])
+    text = capsys.readouterr().out
+    assert "loss is not finite at step 5" in text and "step 4" in text, text[-1500:]
+    ckpt = torch.load(f"{out_dir}/ckpt.pt", weights_only=False)
+    assert ckpt["step"] + 1 == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_train_on_coco_fixture(coco_dir, tmp_path):
+    out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+                    "--batch_size", "2", "--max_steps", "3", "--out_dir", str(tmp_path / "c"))
+    assert "coco train: 5 images" in out.stdout and os.path.exists(tmp_path / "c" / "tokenizer.json")
+    assert sorted(train_log(tmp_path / "c")) == [1, 2, 3]
+
+
+def test_train_two_processes_with_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, "--max_steps", "3", "--out_dir", str(tmp_path / "ddp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "2 x cpu" in out.stdout and sorted(train_log(tmp_path / "ddp")) == [1, 2, 3]
+
+
+def test_train_compile_on_cpu(tmp_path):
+    out = run_train(*TINY, "--compile", "on", "--max_steps", "3", "--out_dir", str(tmp_path / "comp"), timeout=600)
+    assert sorted(train_log(tmp_path / "comp")) == [1, 2, 3]
+    ckpt = torch.load(tmp_path / "comp" / "ckpt.pt", weights_only=False)
+    assert not any("_orig_mod" in k for k in ckpt["model"])  # checkpoints hold the uncompiled model
+
+
+def test_probes_known_answers():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (2000,), generator=g)
+    exact = F.one_hot(y, 5).float() + 0.01 * torch.randn(2000, 5, generator=g)
+    noise = torch.randn(2000, 16, generator=g)
+    assert train.class_probe(exact[:1500], y[:1500], exact[1500:], y[1500:], 5) > 0.99
+    assert abs(train.class_probe(noise[:1500], y[:1500], noise[1500:], y[1500:], 5) - 0.2) < 0.06
+    labels = (torch.rand(500, 3, generator=g) > 0.5).float()
+    assert train.average_precision(labels * 2 - 1, labels) == pytest.approx(1.0)
+    assert abs(train.average_precision(torch.rand(500, 3, generator=g), labels) - 0.5) < 0.1
+
+
+def test_schedules_follow_ijepa():
+    t = train.TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, start_lr=2e-4, final_lr=1e-6,
+                          ema_start=0.996, ema_end=1.0)
+    lr0, wd0, m0 = train.schedules(0, t)
+    lr10, _, _ = train.schedules(10, t)
+    lr_end, wd_end, m_end = train.schedules(100, t)
+    assert lr0 == pytest.approx(2e-4) and lr10 == pytest.approx(1e-3) and lr_end == pytest.approx(1e-6)
+    assert wd0 == pytest.approx(0.04) and wd_end == pytest.approx(0.4)
+    assert m0 == pytest.approx(0.996) and m_end == pytest.approx(1.0)

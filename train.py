@@ -75,8 +75,13 @@ def _flag_type(default):
     return type(default)
 
 
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage of 50 flags
+        sys.exit(f"error: {message} (python train.py --help lists every flag)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["shapes", "vit_b16"], default=None,
                    help="model size preset (default: shapes; vit_b16 for --dataset coco)")
     for title, cls in (("training", TrainConfig), ("model (TCJEPAConfig)", TCJEPAConfig)):
