@@ -46,24 +46,32 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: "auto" (= on for CUDA), "on", "off"
     resume: str = ""  # a checkpoint to continue from ("auto" = out_dir/ckpt.pt if present)
     # optimization (I-JEPA: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048; --dataset coco uses that)
     start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr
     final_lr: float = 1e-6  # learning rate at the end of the cosine
     warmup_steps: int = 100  # linear warmup steps
     weight_decay: float = 0.04  # at step 0, cosine to final_weight_decay (biases, norms: none)
     final_weight_decay: float = 0.4
     ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, PAPER.md sec. 3)
-    ema_end: float = 1.0  # EMA momentum at the last step
+    ema_end: float = 0.99  # EMA momentum at the last step (I-JEPA 1.0; constant 0.99 learns more in short runs)
     # logging, evaluation, checkpoints
     log_every: int = 25  # steps between log lines
-    eval_every: int = 250  # steps between validation losses (true / shuffled / no captions)
-    save_every: int = 250  # steps between checkpoints (and one at the end)
+    eval_every: int = 500  # steps between validation losses (true / shuffled / no captions) and probes
+    save_every: int = 500  # steps between checkpoints (and one at the end)
     val_size: int = 256  # validation images for the fixed-mask losses
     probe_train: int = 2000  # shapes: train images the linear probes are fitted on (val: the val split)
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
+    bench: int = 0  # > 0: time this many steps after bench_warmup untimed ones, print, exit
+    bench_warmup: int = 10  # untimed steps before --bench (compilation happens here)
     # controls and ablations
     shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
+
+# --dataset coco: the I-JEPA recipe at ViT-B/16 scale (any flag given still wins)
+COCO_DEFAULTS = dict(lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=8, max_steps=20000,
+                     warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
+
+LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")  # per-step values
 
 # -----------------------------------------------------------------------------
 # command line: generated from the two config dataclasses
@@ -95,7 +103,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in given.items() if k in tfields})
+    base = COCO_DEFAULTS if given.get("dataset") == "coco" else {}
+    tcfg = TrainConfig(**{**base, **{k: v for k, v in given.items() if k in tfields}})
     preset = args.preset or ("vit_b16" if tcfg.dataset == "coco" else "shapes")
     mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig()
     mcfg = dataclasses.replace(mcfg, **{k: (tuple(v) if isinstance(v, list) else v)
@@ -259,6 +268,37 @@ def probes(raw_model, train_set, val_set, n_train, device, autocast):
     return res
 
 
+def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0):
+    """--bench N: warm-up steps (compilation, allocator) outside the timed region, then N timed
+    steps between two synchronizations. Also counts recompilations after the warm-up."""
+    import torch._dynamo.utils as dynamo_utils
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(tcfg.bench_warmup):
+        train_step(step)
+    sync()
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    flops, n_img, t0 = 0.0, 0, time.perf_counter()
+    for step in range(tcfg.bench_warmup, tcfg.bench_warmup + tcfg.bench):
+        _, n, shapes = train_step(step)
+        flops += raw_model.flops_per_image(*shapes) * n
+        n_img += n
+    sync()
+    dt = time.perf_counter() - t0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rec = dict(text_cond=mcfg.text_cond, img_size=mcfg.img_size, width=mcfg.width, batch_size=tcfg.batch_size,
+               compile=tcfg.compile, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               threads=torch.get_num_threads(), torch=torch.__version__, steps=tcfg.bench,
+               ms_per_step=1000 * dt / tcfg.bench, img_per_s=n_img / dt,
+               peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+               mfu=flops / dt / world / peak_flops if peak_flops else None,
+               recompiles_after_warmup=dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
+    print0("bench " + json.dumps(rec))
+    return rec
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -353,10 +393,6 @@ def main(argv=None):
     peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
     gpu = torch.cuda.get_device_name(device) if use_cuda else ""
     peak_flops = next((v for k, v in peak.items() if k in gpu), None)
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
     def evaluate(at_step):
         v = val_losses(raw_model, val_batches, device, autocast)
         rec = dict(step=at_step, val_true=v["true"], val_shuffled=v["shuffled"], val_none=v["none"])
@@ -379,11 +415,14 @@ def main(argv=None):
     running = None  # loss parts summed on the device since the last log line (no sync per step)
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, kept on the device
     t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
-    for step in range(start_step, tcfg.max_steps):
+    def train_step(step):
+        """One optimizer step of grad_accum micro-steps. Returns the loss parts summed over the
+        micro-steps (on the device: no sync), the images seen and the last (Nc, Nt)."""
         lr, wd, momentum = schedules(step, tcfg)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.param_groups[0]["weight_decay"] = wd
+        total, n_img = 0.0, 0
         for micro in range(tcfg.grad_accum):
             batch = next(data_iter)
             B = batch["images"].size(0)
@@ -400,14 +439,27 @@ def main(argv=None):
                 out = model(images, ctx, tgt, tokens, wm)
             with sync:
                 (out["loss"] / tcfg.grad_accum).backward()
-            parts = torch.stack([out[k].detach().float() for k in
-                                 ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")])
-            running = parts if running is None else running + parts
-            first_bad = torch.where((first_bad < 0) & ~parts[0].isfinite(), step + 1, first_bad)
-            imgs += B * world
+            total = total + torch.stack([out[k].detach().float() for k in LOGGED])
+            n_img += B * world
         opt.step()
         opt.zero_grad(set_to_none=True)
         raw_model.update_target(momentum)
+        return total, n_img, (ctx.size(1), tgt.size(2))
+
+    if tcfg.bench:
+        return benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0)
+
+    bar = None
+    if master:
+        from tqdm import tqdm
+        bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
+
+    for step in range(start_step, tcfg.max_steps):
+        parts, n_img, shapes = train_step(step)
+        lr, wd, momentum = schedules(step, tcfg)
+        running = parts if running is None else running + parts
+        first_bad = torch.where((first_bad < 0) & ~parts[0].isfinite(), step + 1, first_bad)
+        imgs += n_img
 
         last = step == tcfg.max_steps - 1
         save = (step + 1) % tcfg.save_every == 0 or last or stop["signal"]
@@ -424,9 +476,8 @@ def main(argv=None):
             if use_cuda:
                 torch.cuda.synchronize()
             dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
-            flops = raw_model.flops_per_image(ctx.size(1), tgt.size(2)) * imgs / dt / world
-            rec = dict(step=step + 1, loss=vals[0], loss_pred=vals[1], loss_sparse=vals[2], loss_consist=vals[3],
-                       pos_frac=vals[4], attn_entropy=vals[5], lr=lr, momentum=momentum, weight_decay=wd,
+            flops = raw_model.flops_per_image(*shapes) * imgs / dt / world  # (Nc, Nt) of the last batch
+            rec = dict(step=step + 1, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
                        ms_per_step=1000 * dt / n, img_per_s=imgs / dt,
                        mfu=flops / peak_flops if peak_flops else None)
             running, t0, t_excl, imgs, log_start = None, time.time(), 0.0, 0, step + 1

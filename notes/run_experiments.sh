@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reruns every experiment of notes/experiments.md on the built-in shapes data (CPU is enough).
+# Two runs at a time, one thread each (the most throughput from a 2-core machine); a run whose
+# log already ends with its probes is skipped, so the script can be restarted after a stop.
+#   bash notes/run_experiments.sh            # all runs, into runs/
+#   python notes/report.py                   # tables + figures from runs/*/log.jsonl
+# Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
+# batch 64, 1500 steps, lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
+set -u
+cd "$(dirname "$0")/.."
+COMMON="--max_steps 1500 --lr 2e-3 --ema_start 0.99 --ema_end 0.99 --eval_every 500"
+TC="--text_cond cross --sparse_coef 0 --consist_coef 0"      # TC-JEPA, regularizers off (see sweep)
+runs=(
+  # name                 flags
+  "ijepa_s0              --text_cond none --seed 0"
+  "tc_s0                 $TC --seed 0"
+  "tc_paper_s0           --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "ijepa_s1              --text_cond none --seed 1"
+  "tc_s1                 $TC --seed 1"
+  "ijepa_s2              --text_cond none --seed 2"
+  "tc_s2                 $TC --seed 2"
+  "shuf_s0               $TC --shuffle_captions true --seed 0"
+  "shuf_s1               $TC --shuffle_captions true --seed 1"
+  "shuf_s2               $TC --shuffle_captions true --seed 2"
+  "tc_onelayer_s0        $TC --cond_layers 1 --seed 0"
+  "tc_meanpool_s0        $TC --text_pool mean --seed 0"
+  "ijepa_small_s0        --text_cond none --target_scale 0.1 0.15 --seed 0"
+  "tc_small_s0           $TC --target_scale 0.1 0.15 --seed 0"
+  "ijepa_large_s0        --text_cond none --target_scale 0.2 0.25 --seed 0"
+  "tc_large_s0           $TC --target_scale 0.2 0.25 --seed 0"
+)
+one() {  # $1 = name, rest = flags
+  local name=$1; shift
+  if [ -f "runs/$name/log.jsonl" ] && grep -q init_probes "runs/$name/log.jsonl"; then echo "skip $name"; return; fi
+  rm -rf "runs/$name"; mkdir -p "runs/$name"
+  echo "start $name: python train.py $COMMON $* --out_dir runs/$name"
+  OMP_NUM_THREADS=1 python train.py $COMMON "$@" --out_dir "runs/$name" > "runs/$name/stdout.txt" 2>&1
+  echo "done  $name ($(tail -c 300 runs/$name/stdout.txt | tr '\r' '\n' | tail -1))"
+}
+export -f one; export COMMON
+printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -I{} bash -c 'one {}'
