@@ -1,0 +1,139 @@
+"""
+CPU measurements behind notes/perf.md. Run from the repository root:
+
+  OMP_NUM_THREADS=1 python notes/perf.py            # prints one JSON line per measurement
+
+Each timing takes the median of several repeats after a warm-up. The training-step timings
+(text conditioner cost, recompilations) are done with `train.py --bench`, see notes/perf.md.
+"""
+
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import tcjepa  # noqa: E402
+
+
+def timeit(fn, repeats=7, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def naive_masks(B, cfg, rng):
+    """The same semantics as tcjepa.sample_masks, written the straightforward way: a Python loop
+    over images (as the official sampler in its DataLoader workers), then the batch-minimum cut."""
+    G, N = cfg.grid, cfg.grid**2
+
+    def size(scale, aspect):
+        s, a = rng.uniform(*scale), rng.uniform(*aspect)
+        return min(G, max(1, round(math.sqrt(s * N * a)))), min(G, max(1, round(math.sqrt(s * N / a))))
+
+    th, tw = size(cfg.target_scale, cfg.target_aspect)
+    ch, cw = size(cfg.context_scale, (1.0, 1.0))
+    ctxs, tgts = [], []
+    for _ in range(B):
+        best = None
+        for _ in range(20):
+            blocks = []
+            for _ in range(cfg.n_targets):
+                t, l = rng.randint(0, G - th), rng.randint(0, G - tw)
+                blocks.append([(t + i) * G + l + j for i in range(th) for j in range(tw)])
+            t, l = rng.randint(0, G - ch), rng.randint(0, G - cw)
+            covered = {p for b in blocks for p in b}
+            ctx = [(t + i) * G + l + j for i in range(ch) for j in range(cw) if (t + i) * G + l + j not in covered]
+            if best is None or len(ctx) > len(best[0]):
+                best = (ctx, blocks)
+            if len(ctx) >= cfg.min_keep:
+                break
+        ctxs.append(best[0])
+        tgts.append(best[1])
+    keep = min(len(c) for c in ctxs)
+    ctx = torch.tensor([sorted(rng.sample(c, keep)) for c in ctxs])
+    return ctx, torch.tensor(tgts)
+
+
+def main():
+    import random
+
+    out = []
+    # 1. mask sampling, batch 256 on the 14x14 grid of ViT-B/16 at 224
+    cfg = tcjepa.TCJEPAConfig.vit_b16()
+    g, rng = torch.Generator().manual_seed(0), random.Random(0)
+    vec = timeit(lambda: tcjepa.sample_masks(256, cfg, g))
+    loop = timeit(lambda: naive_masks(256, cfg, rng), repeats=5)
+    out.append(dict(what="masks B=256 grid 14x14 (vit_b16, min_keep 10)", vectorized_ms=1000 * vec,
+                    python_loop_ms=1000 * loop, speedup=loop / vec))
+    cfg = tcjepa.TCJEPAConfig()  # shapes: 8x8 grid, min_keep 24, where redraws happen
+    vec = timeit(lambda: tcjepa.sample_masks(256, cfg, g))
+    loop = timeit(lambda: naive_masks(256, cfg, rng), repeats=5)
+    out.append(dict(what="masks B=256 grid 8x8 (shapes, min_keep 24)", vectorized_ms=1000 * vec,
+                    python_loop_ms=1000 * loop, speedup=loop / vec))
+
+    # 2. context sizes that reach the model (batch minimum), shapes grid 8x8, batch 128
+    for min_keep in (10, 24):
+        c = tcjepa.TCJEPAConfig(min_keep=min_keep)
+        g = torch.Generator().manual_seed(0)
+        n = [tcjepa.sample_masks(128, c, g)[0].shape[1] for _ in range(50)]
+        out.append(dict(what=f"context patches kept, 8x8 grid, batch 128, min_keep {min_keep}",
+                        mean=statistics.mean(n), min=min(n), max=max(n)))
+
+    # 3. EMA update: fused foreach lerp vs a loop over parameters (ViT-B encoder)
+    model = tcjepa.TCJEPA(tcjepa.TCJEPAConfig.vit_b16(text_cond="none"))
+    fused = timeit(lambda: model.update_target(0.996))
+
+    def loop_ema(m=0.996):
+        with torch.no_grad():
+            for t, s in zip(model.target.parameters(), model.encoder.parameters()):
+                t.mul_(m).add_(s, alpha=1 - m)
+
+    out.append(dict(what="EMA update, ViT-B/16 encoder (86M params)", foreach_ms=1000 * fused,
+                    loop_ms=1000 * timeit(loop_ema), speedup=timeit(loop_ema) / fused))
+    del model
+
+    # 4. shapes rendering, one thread, batch 256
+    ds = data.ShapesDataset("train")
+    sec = timeit(lambda: ds.render(list(range(256))))
+    out.append(dict(what="shapes render, batch 256", img_per_s=256 / sec))
+
+    # 5. COCO decode + RandomResizedCrop(224) per DataLoader worker, on COCO-sized JPEGs (640x480)
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as root:
+        os.makedirs(f"{root}/train2017")
+        os.makedirs(f"{root}/annotations")
+        images, anns = [], []
+        gen = torch.Generator().manual_seed(0)
+        for i in range(64):
+            arr = (torch.rand(480 // 8, 640 // 8, 3, generator=gen) * 255).byte()
+            img = Image.fromarray(arr.numpy()).resize((640, 480), Image.BILINEAR)
+            img.save(f"{root}/train2017/{i:012d}.jpg", quality=90)
+            images.append(dict(id=i, file_name=f"{i:012d}.jpg"))
+            anns.append(dict(id=i, image_id=i, caption=f"a photo number {i}"))
+        json.dump(dict(images=images, annotations=anns), open(f"{root}/annotations/captions_train2017.json", "w"))
+        sys.stdout = io.StringIO()  # the dataset prints its summary line
+        coco = data.CocoCaptions(root, "train", img_size=224)
+        sys.stdout = sys.__stdout__
+        sec = timeit(lambda: [coco[(i, i)] for i in range(64)], repeats=3)
+        out.append(dict(what="COCO decode + RandomResizedCrop(224), 640x480 JPEG, one worker", img_per_s=64 / sec))
+
+    for rec in out:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""
+Tables and curves of notes/experiments.md from the logs that notes/run_experiments.sh writes.
+
+  python notes/report.py [runs]      # prints markdown tables, writes notes/curves.png
+
+Reads <runs>/<name>/log.jsonl. A run that has not finished is reported as missing, never guessed.
+matplotlib is needed here only (pip install matplotlib).
+"""
+
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROBES = ["dense_shape", "dense_shape_obj", "dense_color", "img_shape_ap", "img_color_ap", "img_count_acc"]
+VAL = ["val_true", "val_shuffled", "val_none"]
+
+
+def load(runs, name):
+    """-> (train records, eval records, init probes) or None if the run has not finished."""
+    path = os.path.join(runs, name, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    recs = [json.loads(line) for line in open(path)]
+    init = [r["init_probes"] for r in recs if "init_probes" in r]
+    if not init:
+        return None
+    return [r for r in recs if "loss" in r], [r for r in recs if "val_true" in r], init[-1]
+
+
+def fmt(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def row(label, finals, keys, n):
+    return f"| {label} | {n} | " + " | ".join(fmt([f[k] for f in finals]) for k in keys) + " |"
+
+
+def group(runs, names):
+    done = [load(runs, n) for n in names]
+    return [d for d in done if d is not None]
+
+
+def main(runs):
+    out = []
+    seeds = [0, 1, 2]
+    # --- main comparison: random init, I-JEPA, TC-JEPA, TC-JEPA on shuffled captions
+    ij, tc, sh = (group(runs, [f"{p}_s{s}" for s in seeds]) for p in ("ijepa", "tc", "shuf"))
+    init = [d[2] for d in ij + tc + sh]  # the same init per seed: every run measures it
+    keys = PROBES + VAL
+    out.append("| model | runs | " + " | ".join(keys) + " |")
+    out.append("|---|---|" + "---|" * len(keys))
+    out.append(f"| random init | {len(init)} | " + " | ".join(fmt([i[k] for i in init]) if k in PROBES else "-"
+                                                          for k in keys) + " |")
+    for label, g in (("I-JEPA", ij), ("TC-JEPA", tc), ("TC-JEPA, shuffled captions", sh)):
+        out.append(row(label, [d[1][-1] for d in g], keys, len(g)))
+    # --- ablations and the lambda / beta sweep (seed 0)
+    out.append("")
+    keys2 = PROBES + VAL + ["pos_frac", "attn_entropy"]
+    out.append("| run (seed 0) | runs | " + " | ".join(keys2) + " |")
+    out.append("|---|---|" + "---|" * len(keys2))
+    for label, name in (("TC-JEPA, lambda = beta = 0", "tc_s0"), ("TC-JEPA, paper's lambda 0.1, beta 0.5", "tc_paper_s0"),
+                        ("one conditioned layer", "tc_onelayer_s0"), ("captions mean-pooled", "tc_meanpool_s0")):
+        d = load(runs, name)
+        if d is None:
+            out.append(f"| {label} | 0 | " + " | ".join("-" for _ in keys2) + " |")
+            continue
+        final = {**d[1][-1], **{k: statistics.mean(r[k] for r in d[0][-6:]) for k in ("pos_frac", "attn_entropy")}}
+        out.append(row(label, [final], keys2, 1))
+    # --- stability over target block scales (seed 0)
+    out.append("")
+    out.append("| target scale | I-JEPA dense_shape | TC-JEPA dense_shape | I-JEPA dense_shape_obj | TC-JEPA dense_shape_obj |")
+    out.append("|---|---|---|---|---|")
+    for label, suffix in (("(0.10, 0.15)", "small_s0"), ("(0.15, 0.20) default", "s0"), ("(0.20, 0.25)", "large_s0")):
+        a, b = load(runs, f"ijepa_{suffix}"), load(runs, f"tc_{suffix}")
+        cells = [fmt([d[1][-1][k]]) if d else "-" for k in ("dense_shape", "dense_shape_obj") for d in (a, b)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n".join(out))
+    curves(runs)
+
+
+def curves(runs):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no curves)")
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for name, color in (("ijepa", "tab:blue"), ("tc", "tab:orange"), ("shuf", "tab:gray")):
+        for s in (0, 1, 2):
+            d = load(runs, f"{name}_s{s}")
+            if d is None:
+                continue
+            train, evals, init = d
+            label = {"ijepa": "I-JEPA", "tc": "TC-JEPA", "shuf": "TC-JEPA, shuffled captions"}[name] if s == 0 else None
+            ax[0].plot([r["step"] for r in train], [r["loss_pred"] for r in train], color=color, alpha=0.7, label=label)
+            steps = [0] + [r["step"] for r in evals]
+            ax[1].plot(steps, [init["dense_shape"]] + [r["dense_shape"] for r in evals], "o-", color=color, alpha=0.7,
+                       label=label)
+            if name != "ijepa":
+                ax[2].plot([r["step"] for r in evals], [r["val_true"] for r in evals], "o-", color=color, alpha=0.7,
+                           label=f"{label}: true captions" if label else None)
+                ax[2].plot([r["step"] for r in evals], [r["val_shuffled"] for r in evals], "x--", color=color, alpha=0.7,
+                           label=f"{label}: shuffled captions" if label else None)
+    ax[0].set(title="training prediction loss", xlabel="step", yscale="log")
+    ax[1].set(title="dense shape probe (val, mean per-class acc.)", xlabel="step")
+    ax[2].set(title="val prediction loss, fixed masks", xlabel="step", yscale="log")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "curves.png"), dpi=110)
+    print("wrote notes/curves.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs")
