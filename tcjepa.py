@@ -51,8 +51,9 @@ class TCJEPAConfig:
     target_scale: tuple = (0.15, 0.2)  # fraction of patches in one target block
     target_aspect: tuple = (0.75, 1.5)  # h/w of a target block
     context_scale: tuple = (0.85, 1.0)  # fraction of patches in the context block (aspect 1)
-    min_keep: int = 24  # a context with fewer patches is redrawn; I-JEPA: 10 of 196, but 10 of 64
-    #                     leaves the small grid almost blind (PAPER.md sec. 3), so 24 here
+    # a context with fewer patches is redrawn (up to 20 times, then the largest draw is kept);
+    # I-JEPA: 10 of 196, but 10 of 64 leaves the small grid almost blind (PAPER.md sec. 3)
+    min_keep: int = 24
     # text
     text_cond: str = "cross"  # "cross" = TC-JEPA, "none" = plain I-JEPA (no text parameters)
     vocab_size: int = 1024  # tokenizer vocabulary (id 0 = padding)
@@ -254,8 +255,8 @@ class TextConditioner(nn.Module):
 
     def forward(self, x, words, word_mask):
         """x (B, Q, P) tokens of an image (all its M sequences side by side), words (B, C, S, T),
-        word_mask (B, C, S) True for real words. Returns new x and the rectified cosine
-        patch-word similarities O (B, Q, C, S), zero at padding."""
+        word_mask (B, C, S) True for real words. Returns the new x, the rectified cosine
+        patch-word similarities O (B, Q, C, S), zero at padding, and the mean attention entropy."""
         q = self.q(self.norm_q(x))  # (B, Q, P)
         k, v = self.k(words), self.v(words)  # (B, C, S, P)
         dots = torch.einsum("bqp,bcsp->bqcs", q, k)  # (B, Q, C, S)
@@ -314,7 +315,7 @@ class Predictor(nn.Module):
 
     def forward(self, z, ctx, tgt, words=None, word_mask=None):
         """z (B, Nc, D) context features at ctx (B, Nc); tgt (B, M, Nt). Returns predictions
-        (B*M, Nt, D) (block-major, as tgt.flatten(0, 1)), the similarities (layers, B, M*L, C, S) and the mean attention
+        (B*M, Nt, D) (image-major, block inner: the order of tgt.flatten(0, 1)), the similarities (layers, B, M*L, C, S) and the mean attention
         entropy (both None without text)."""
         (B, Nc), (M, Nt) = ctx.shape, tgt.shape[1:]
         x = self.embed(z) + self.pos[ctx]  # (B, Nc, P)
@@ -341,9 +342,14 @@ class Predictor(nn.Module):
 
 
 class TCJEPA(nn.Module):
+    """Context encoder, EMA target encoder, text embedding and predictor; forward returns the losses."""
+
     def __init__(self, cfg):
         super().__init__()
         assert cfg.text_cond in ("cross", "none"), f"text_cond must be 'cross' or 'none', got {cfg.text_cond!r}"
+        assert cfg.text_pool in ("word", "mean"), f"text_pool must be 'word' or 'mean', got {cfg.text_pool!r}"
+        assert cfg.pred_loss in ("smooth_l1", "l2"), f"pred_loss must be 'smooth_l1' or 'l2', got {cfg.pred_loss!r}"
+        assert cfg.cond_layers == -1 or 1 <= cfg.cond_layers <= cfg.pred_depth, "cond_layers: -1 or 1..pred_depth"
         self.cfg = cfg
         self.encoder = ViT(cfg)  # context encoder f_theta, trained
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)  # EMA f_theta_bar, no grads

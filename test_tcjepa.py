@@ -680,6 +680,8 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
             assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
     out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--eval_only", "true")
     assert "val_true" in out.stdout and "dense_shape" in out.stdout
+    out = run_train(*TINY, "--width", "48", "--out_dir", b, "--resume", f"{b}/ckpt.pt", check=False)
+    assert out.returncode != 0 and "checkpoint's model differs in {'width': 32}" in out.stderr
 
 
 def test_train_errors_are_one_line(tmp_path):
@@ -725,7 +727,7 @@ def test_train_on_coco_fixture(coco_dir, tmp_path):
 
 def test_train_two_processes_with_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *TINY, "--max_steps", "3", "--out_dir", str(tmp_path / "ddp")]
+           *TINY, "--max_steps", "3", "--grad_accum", "2", "--out_dir", str(tmp_path / "ddp")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)),
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -106,7 +106,10 @@ def parse_args(argv=None):
     base = COCO_DEFAULTS if given.get("dataset") == "coco" else {}
     tcfg = TrainConfig(**{**base, **{k: v for k, v in given.items() if k in tfields}})
     preset = args.preset or ("vit_b16" if tcfg.dataset == "coco" else "shapes")
-    mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig()
+    # shapes: the text losses are off by default; at this scale the paper's lambda 0.1 / beta 0.5
+    # drive the patch-word cosines into the dead zone (notes/experiments.md). --sparse_coef 0.1
+    # --consist_coef 0.5 gives the paper's values; the vit_b16 preset keeps them.
+    mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig(sparse_coef=0.0, consist_coef=0.0)
     mcfg = dataclasses.replace(mcfg, **{k: (tuple(v) if isinstance(v, list) else v)
                                         for k, v in given.items() if k not in tfields and k != "preset"})
     if tcfg.dataset not in ("shapes", "coco"):
@@ -154,10 +157,11 @@ class StepSampler:
                                  f"({n} images): lower --batch_size")
 
     def __iter__(self):
-        i = self.start
+        i, epoch_of_perm = self.start, None
         while True:
             epoch, k = divmod(i, self.per_epoch)
-            perm = torch.randperm(self.n, generator=seeded(self.seed, epoch))
+            if epoch != epoch_of_perm:  # one shuffle per epoch
+                perm, epoch_of_perm = torch.randperm(self.n, generator=seeded(self.seed, epoch)), epoch
             lo = (k * self.world + self.rank) * self.bs
             seeds = torch.randint(0, 2**31 - 1, (self.bs,), generator=seeded(self.seed, i, self.rank, 7))
             yield list(zip(perm[lo:lo + self.bs].tolist(), seeds.tolist()))
@@ -168,7 +172,7 @@ def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer_path):
     """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file)."""
     state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
                  model_config=dataclasses.asdict(mcfg), step=step, tokenizer=tokenizer_path,
-                 rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                 rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -184,13 +188,14 @@ def val_losses(raw_model, val_batches, device, autocast):
     across images, and no captions: the cheapest sign that the text is used (PAPER.md sec. 3)."""
     raw_model.eval()
     sums = dict(true=0.0, shuffled=0.0, none=0.0)
+    n_total = sum(len(b["images"]) for b in val_batches)
     for b in val_batches:
         images, tokens, wm, ctx, tgt = (b[k].to(device) for k in ("images", "tokens", "word_mask", "ctx", "tgt"))
         variants = dict(true=(tokens, wm), shuffled=(tokens.roll(1, 0), wm.roll(1, 0)),
                         none=(tokens, torch.zeros_like(wm)))
         for name, (tok, w) in variants.items():
             with autocast:
-                sums[name] += raw_model(images, ctx, tgt, tok, w)["loss_pred"].item() / len(val_batches)
+                sums[name] += raw_model(images, ctx, tgt, tok, w)["loss_pred"].item() * len(images) / n_total
     raw_model.train()
     return sums
 
@@ -305,6 +310,7 @@ def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0):
 
 def main(argv=None):
     tcfg, mcfg = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in DataLoader workers
 
     # ---- distributed setup (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
     ddp = "RANK" in os.environ
@@ -338,11 +344,10 @@ def main(argv=None):
     elif tcfg.resume and tcfg.resume != "auto":
         raise data.DataError(f"--resume {tcfg.resume}: no such checkpoint")
     tok_path = tcfg.tokenizer or (ckpt["tokenizer"] if ckpt else os.path.join(tcfg.out_dir, "tokenizer.json"))
-    if not os.path.exists(tok_path) and not tcfg.tokenizer:
-        if master:  # train once on the training captions; the other ranks wait and load it
-            data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
-        if ddp:
-            dist.barrier()
+    if master and not tcfg.tokenizer and not os.path.exists(tok_path):  # train once, on the training captions
+        data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
+    if ddp:
+        dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
     tokenizer = data.load_tokenizer(tok_path)
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
@@ -357,6 +362,14 @@ def main(argv=None):
                             lr=tcfg.lr, betas=(0.9, 0.999), fused=use_cuda)
     start_step = 0
     if ckpt is not None:
+        diff = {k: v for k, v in ckpt["model_config"].items() if getattr(mcfg, k, None) != v}
+        if diff:
+            raise data.DataError(f"--resume: the checkpoint's model differs in {diff}: give the same model flags")
+        changed = [k for k, v in ckpt["train_config"].items()
+                   if k not in ("resume", "eval_only", "bench") and getattr(tcfg, k, None) != v]
+        if changed:
+            print0(f"resuming with changed training flags: " + ", ".join(
+                f"{k} {ckpt['train_config'][k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"] + 1
@@ -413,7 +426,8 @@ def main(argv=None):
     data_iter = iter(loader)
     dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
     running = None  # loss parts summed on the device since the last log line (no sync per step)
-    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, kept on the device
+    never = 2**62
+    first_bad = torch.tensor(never, device=device)  # first step with a non-finite loss, kept on the device
     t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
     def train_step(step):
         """One optimizer step of grad_accum micro-steps. Returns the loss parts summed over the
@@ -434,11 +448,11 @@ def main(argv=None):
             if dynamic:  # block sizes change per batch: one compiled graph for all of them
                 torch._dynamo.mark_dynamic(ctx, 1)
                 torch._dynamo.mark_dynamic(tgt, 2)
-            sync = nullcontext() if (not ddp or micro == tcfg.grad_accum - 1) else model.no_sync()
-            with sync, autocast:
+            if ddp:  # all-reduce gradients on the last micro-step only (nanoGPT's idiom)
+                model.require_backward_grad_sync = micro == tcfg.grad_accum - 1
+            with autocast:
                 out = model(images, ctx, tgt, tokens, wm)
-            with sync:
-                (out["loss"] / tcfg.grad_accum).backward()
+            (out["loss"] / tcfg.grad_accum).backward()
             total = total + torch.stack([out[k].detach().float() for k in LOGGED])
             n_img += B * world
         opt.step()
@@ -454,53 +468,61 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
 
+    status = "running"
     for step in range(start_step, tcfg.max_steps):
         parts, n_img, shapes = train_step(step)
-        lr, wd, momentum = schedules(step, tcfg)
         running = parts if running is None else running + parts
-        first_bad = torch.where((first_bad < 0) & ~parts[0].isfinite(), step + 1, first_bad)
+        first_bad = torch.where(parts[0].isfinite(), first_bad, first_bad.clamp(max=step + 1))
         imgs += n_img
-
+        if bar:
+            bar.update(1)
         last = step == tcfg.max_steps - 1
-        save = (step + 1) % tcfg.save_every == 0 or last or stop["signal"]
-        if (step + 1) % tcfg.log_every == 0 or save:  # every save is preceded by a NaN check
-            if ddp:
-                dist.all_reduce(running, op=dist.ReduceOp.AVG)
-                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-            if first_bad.item() > 0:
-                print0(f"\nloss is not finite at step {first_bad.item()}: stopping without saving. "
-                       f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
-                break
-            n = step + 1 - log_start
-            vals = (running / (n * tcfg.grad_accum)).tolist()
-            if use_cuda:
-                torch.cuda.synchronize()
-            dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
-            flops = raw_model.flops_per_image(*shapes) * imgs / dt / world  # (Nc, Nt) of the last batch
-            rec = dict(step=step + 1, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
-                       ms_per_step=1000 * dt / n, img_per_s=imgs / dt,
-                       mfu=flops / peak_flops if peak_flops else None)
-            running, t0, t_excl, imgs, log_start = None, time.time(), 0.0, 0, step + 1
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        if not ((step + 1) % tcfg.log_every == 0 or (step + 1) % tcfg.save_every == 0 or last
+                or (stop["signal"] and not ddp)):
+            continue
+        # ---- a check point: the ranks agree on NaN and on stopping, then log, evaluate, save
+        stopping = torch.tensor(float(stop["signal"] is not None), device=device)
+        if ddp:
+            dist.all_reduce(running, op=dist.ReduceOp.AVG)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # a signal on any rank stops all of them
+        if first_bad.item() < never:  # weights after a NaN are not saved
+            print0(f"\nloss is not finite at step {first_bad.item()}: stopping without saving. "
+                   f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
+            status = "nan"
+            break
+        n = step + 1 - log_start
+        vals = (running / (n * tcfg.grad_accum)).tolist()
+        lr, wd, momentum = schedules(step, tcfg)
+        if use_cuda:
+            torch.cuda.synchronize()
+        dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
+        flops = raw_model.flops_per_image(*shapes) * imgs / dt / world  # (Nc, Nt) of the last batch
+        rec = dict(step=step + 1, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
+                   ms_per_step=1000 * dt / n, img_per_s=imgs / dt, mfu=flops / peak_flops if peak_flops else None)
+        running, t0, t_excl, imgs, log_start = None, time.time(), 0.0, 0, step + 1
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         t_pause = time.time()
         if (step + 1) % tcfg.eval_every == 0 or last:
             evaluate(step + 1)
-        if save:
+        if (step + 1) % tcfg.save_every == 0 or last or stopping.item():
             if master:
                 save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tok_path)
             last_good = f"{ckpt_path} (step {step + 1})"
         t_excl += time.time() - t_pause
-        if bar:
-            bar.update(1)
-        if stop["signal"]:
-            print0(f"\n{stop['signal']}: saved {ckpt_path} at step {step + 1}; continue with --resume {ckpt_path}")
+        if stopping.item():
+            print0(f"\n{stop['signal'] or 'signal on another rank'}: saved {ckpt_path} at step {step + 1}; "
+                   f"continue with --resume {ckpt_path}")
+            status = "stopped"
             break
+    else:
+        status = "done"
     if bar:
         bar.close()
-    if master and tcfg.dataset == "shapes" and "rec" in dir() and not stop["signal"]:
+    if master and tcfg.dataset == "shapes" and status == "done":
         torch.manual_seed(tcfg.seed)  # the very same encoder at initialization: random features are a strong baseline
         init = probes(TCJEPA(mcfg).to(device), train_set, val_set, tcfg.probe_train, device, autocast)
         final = json.loads(open(log_path).read().strip().splitlines()[-1])
@@ -513,7 +535,6 @@ def main(argv=None):
     print0(f"checkpoint: {ckpt_path}\nlog: {log_path}")
     if ddp:
         dist.barrier()
-    if ddp:
         dist.destroy_process_group()
 
 
