@@ -265,7 +265,8 @@ class TextConditioner(nn.Module):
         att = dots.mul(q.size(-1) ** -0.5).masked_fill(~mask, float("-inf"))
         att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0).softmax(-1)
         y = torch.einsum("bqcs,bcsp->bqcp", att, v)  # (B, Q, C, P): one conditioned token per caption
-        # paper: max-pool the caption-conditioned versions; padded captions never win
+        # paper: max-pool the C conditioned tokens x + y_c; max_c (x + y_c) = x + max_c y_c, so pool y.
+        # Padded captions never win.
         has_words = word_mask.any(-1)[:, None, :, None]  # (B, 1, C, 1)
         y = y.masked_fill(~has_words, float("-inf")).amax(2)  # (B, Q, P)
         y = torch.where(has_words.any(2), y, 0.0)  # an image with no caption gets no text
