@@ -38,7 +38,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per process (COCO decoding wants several)
     # run
     out_dir: str = "out"  # checkpoint, log.jsonl and tokenizer go here
-    max_steps: int = 1200  # optimizer steps (about 8 minutes on 2 CPU cores with the defaults)
+    max_steps: int = 1000  # optimizer steps (about 7 minutes on 2 CPU cores with the defaults)
     batch_size: int = 64  # images per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0  # everything random (data order, crops, captions, masks) derives from it
