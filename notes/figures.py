@@ -2,6 +2,7 @@
 Pictures of notes/experiments.md from a trained TC-JEPA checkpoint on the built-in shapes data.
 
   python notes/figures.py runs/tc_s0/ckpt.pt       # writes notes/masks.png, attention.png, steer.png
+  python notes/figures.py runs/tc_s0/ckpt.pt --table-only   # only the steering table (any checkpoint)
 
 masks.png      a val image with its context and target blocks (tcjepa.sample_masks)
 attention.png  patch-to-word attention: for a few val images and one caption each, the attention
@@ -101,7 +102,8 @@ def word_attention(model, image, ctx, tgt, tokens, word_mask):
 def fig_attention(plt, model, cfg, tokenizer, val):
     G, idx = cfg.grid, [0, 3, 5]
     out = val.render(idx)
-    fig, axes = plt.subplots(len(idx), 9, figsize=(16, 2.2 * len(idx)))
+    n_words = 10
+    fig, axes = plt.subplots(len(idx), n_words + 1, figsize=(18, 2.1 * len(idx)))
     for row, i in enumerate(range(len(idx))):
         caps = out["captions"][i]
         tokens, wm, chosen = tokens_for(caps, tokenizer, cfg)
@@ -113,7 +115,7 @@ def fig_attention(plt, model, cfg, tokenizer, val):
         words = tokenizer.encode(chosen[0]).tokens[: cfg.max_words]
         axes[row, 0].imshow(show(out["images"][i]))
         axes[row, 0].set_title(chosen[0], fontsize=7)
-        for j in range(8):
+        for j in range(n_words):
             ax = axes[row, j + 1]
             ax.axis("off")
             if j >= len(words):
@@ -196,6 +198,53 @@ def fig_steer(plt, model, cfg, tokenizer, val, n_bank=400, k=6):
     fig.savefig(os.path.join(HERE, "steer.png"), dpi=100)
 
 
+@torch.no_grad()
+def steer_table(model, cfg, tokenizer, val, n_images=100, n_bank=400, k=10):
+    """The steering picture as numbers: over n_images val images, hide a big object under one block,
+    predict its central patch under the true captions, under captions whose object color is edited,
+    and under captions whose object shape is edited; report the share of the k nearest bank patches
+    that show the named color / shape (>= 1/4 of the patch)."""
+    G, p = cfg.grid, cfg.patch_size
+    bank = val.render(list(range(100, 100 + n_bank)))
+    bank_f = F.normalize(F.layer_norm(model.encode(bank["images"]), (cfg.width,)).flatten(0, 1), dim=-1)
+    has_color = [F.avg_pool2d((bank["color_map"] == c + 1).float()[:, None], p).flatten() >= 0.25
+                 for c in range(len(data.COLORS))]
+    has_shape = [F.avg_pool2d((bank["shape_map"] == s + 1).float()[:, None], p).flatten() >= 0.25
+                 for s in range(len(data.SHAPES))]
+    hits = {key: [] for key in ("true: color", "true: shape", "color edited: new color", "color edited: old color",
+                                "shape edited: new shape", "shape edited: old shape")}
+    for i in range(100 + n_bank, 100 + n_bank + 4 * n_images):  # images not in the bank
+        objs = [o for o in val._scene(i)[0] if o[3]]
+        if not objs:
+            continue
+        cell, shape, color = objs[0][:3]
+        item = val[i]
+        tgt = block_around(item["shape_map"], cell, cfg)[None, None]
+        ctx = torch.tensor([[j for j in range(G * G) if j not in set(tgt.flatten().tolist())]])
+        name = f"{data.COLORS[color]} {data.SHAPES[shape]}"
+        new_c, new_s = (color + 3) % len(data.COLORS), (shape + 1) % len(data.SHAPES)
+        z = model.encoder(item["image"][None], ctx)
+        tops = []
+        for caps in (item["captions"], [c.replace(name, f"{data.COLORS[new_c]} {data.SHAPES[shape]}") for c in item["captions"]],
+                     [c.replace(name, f"{data.COLORS[color]} {data.SHAPES[new_s]}") for c in item["captions"]]):
+            tokens, wm, _ = tokens_for(caps, tokenizer, cfg)
+            pred = model.predictor(z, ctx, tgt, model.text(tokens), wm)[0][0, tgt.size(-1) // 2]
+            tops.append((bank_f @ F.normalize(pred, dim=0)).topk(k).indices)
+        hits["true: color"].append(has_color[color][tops[0]].float().mean())
+        hits["true: shape"].append(has_shape[shape][tops[0]].float().mean())
+        hits["color edited: new color"].append(has_color[new_c][tops[1]].float().mean())
+        hits["color edited: old color"].append(has_color[color][tops[1]].float().mean())
+        hits["shape edited: new shape"].append(has_shape[new_s][tops[2]].float().mean())
+        hits["shape edited: old shape"].append(has_shape[shape][tops[2]].float().mean())
+        if len(hits["true: color"]) == n_images:
+            break
+    n = len(hits["true: color"])
+    print(f"| share of the {k} nearest val patches showing ... ({n} images) | |")
+    print("|---|---|")
+    for key, v in hits.items():
+        print(f"| {key} | {torch.stack(v).mean():.2f} |")
+
+
 def main(path):
     import matplotlib
 
@@ -208,7 +257,13 @@ def main(path):
     fig_attention(plt, model, cfg, tokenizer, val)
     fig_steer(plt, model, cfg, tokenizer, val)
     print("wrote notes/masks.png, notes/attention.png, notes/steer.png")
+    steer_table(model, cfg, tokenizer, val)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/tc_s0/ckpt.pt")
+    path = sys.argv[1] if len(sys.argv) > 1 else "runs/tc_s0/ckpt.pt"
+    if "--table-only" in sys.argv:
+        model, cfg, tokenizer = load(path)
+        steer_table(model, cfg, tokenizer, data.ShapesDataset("val", img_size=cfg.img_size))
+    else:
+        main(path)
