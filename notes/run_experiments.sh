@@ -3,6 +3,7 @@
 # Two runs at a time, one thread each (the most throughput from a 2-core machine); a run whose
 # log already ends with its probes is skipped, so the script can be restarted after a stop.
 #   bash notes/run_experiments.sh            # all runs, into runs/
+#   ONLY='^(tc|shuf)_s' bash notes/run_experiments.sh   # only the runs whose name matches
 #   python notes/report.py                   # tables + figures from runs/*/log.jsonl
 # Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
 # batch 64, 1500 steps, lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
@@ -24,18 +25,22 @@ runs=(
   "shuf_s2               $TC --shuffle_captions true --seed 2"
   "tc_onelayer_s0        $TC --cond_layers 1 --seed 0"
   "tc_meanpool_s0        $TC --text_pool mean --seed 0"
-  "ijepa_small_s0        --text_cond none --target_scale 0.1 0.15 --seed 0"
   "tc_small_s0           $TC --target_scale 0.1 0.15 --seed 0"
-  "ijepa_large_s0        --text_cond none --target_scale 0.2 0.25 --seed 0"
+  "ijepa_small_s0        --text_cond none --target_scale 0.1 0.15 --seed 0"
   "tc_large_s0           $TC --target_scale 0.2 0.25 --seed 0"
+  "ijepa_large_s0        --text_cond none --target_scale 0.2 0.25 --seed 0"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
+  [[ "$name" =~ ${ONLY:-.} ]] || return 0
   if [ -f "runs/$name/log.jsonl" ] && grep -q init_probes "runs/$name/log.jsonl"; then echo "skip $name"; return; fi
+  if pgrep -f -- "--out_dir runs/$name\$" > /dev/null; then  # started by an earlier driver: wait for it
+    echo "wait $name"; while pgrep -f -- "--out_dir runs/$name\$" > /dev/null; do sleep 10; done; return
+  fi
   rm -rf "runs/$name"; mkdir -p "runs/$name"
   echo "start $name: python train.py $COMMON $* --out_dir runs/$name"
   OMP_NUM_THREADS=1 python train.py $COMMON "$@" --out_dir "runs/$name" > "runs/$name/stdout.txt" 2>&1
   echo "done  $name ($(tail -c 300 runs/$name/stdout.txt | tr '\r' '\n' | tail -1))"
 }
-export -f one; export COMMON
+export -f one; export COMMON ONLY
 printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -I{} bash -c 'one {}'
