@@ -399,6 +399,8 @@ def main(argv=None):
 
     # ---- training loop
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    if master and start_step == 0 and not tcfg.eval_only and not tcfg.bench:
+        open(log_path, "w").close()  # a fresh run starts a fresh log; a resumed one appends
     ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
