@@ -34,14 +34,18 @@ def timeit(fn, repeats=7, warmup=2):
     return statistics.median(times)
 
 
+def block_hw(s, a, G, N):
+    """(h, w) of a block of scale s and aspect a on a G x G grid, as tcjepa._block_size."""
+    return min(G, max(1, round(math.sqrt(s * N * a)))), min(G, max(1, round(math.sqrt(s * N / a))))
+
+
 def naive_masks(B, cfg, rng):
     """The same semantics as tcjepa.sample_masks, written the straightforward way: a Python loop
     over images (as the official sampler in its DataLoader workers), then the batch-minimum cut."""
     G, N = cfg.grid, cfg.grid**2
 
     def size(scale, aspect):
-        s, a = rng.uniform(*scale), rng.uniform(*aspect)
-        return min(G, max(1, round(math.sqrt(s * N * a)))), min(G, max(1, round(math.sqrt(s * N / a))))
+        return block_hw(rng.uniform(*scale), rng.uniform(*aspect), G, N)
 
     th, tw = size(cfg.target_scale, cfg.target_aspect)
     ch, cw = size(cfg.context_scale, (1.0, 1.0))
@@ -75,7 +79,7 @@ def torch_loop_masks(B, cfg, g):
     def size(scale, aspect):
         s = scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item()
         a = aspect[0] + (aspect[1] - aspect[0]) * torch.rand(1, generator=g).item()
-        return min(G, max(1, round(math.sqrt(s * N * a)))), min(G, max(1, round(math.sqrt(s * N / a))))
+        return block_hw(s, a, G, N)
 
     def block(h, w):
         t = torch.randint(0, G - h + 1, (1,), generator=g).item()
