@@ -71,6 +71,10 @@ class TrainConfig:
 COCO_DEFAULTS = dict(lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=8, max_steps=20000,
                      warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
 
+# --preset shapes_long: the shortest budget found where I-JEPA's encoder clearly beats its random
+# init on the dense shape probe (notes/experiments.md sec. 1); ~30 min on one CPU thread
+SHAPES_LONG = dict(max_steps=4000, eval_every=500)
+
 LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")  # per-step values
 
 # -----------------------------------------------------------------------------
@@ -90,8 +94,9 @@ class ArgParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["shapes", "vit_b16"], default=None,
-                   help="model size preset (default: shapes; vit_b16 for --dataset coco)")
+    p.add_argument("--preset", choices=["shapes", "shapes_long", "vit_b16"], default=None,
+                   help="shapes (default), shapes_long (4000 steps, see notes/experiments.md), "
+                        "vit_b16 (the default for --dataset coco)")
     for title, cls in (("training", TrainConfig), ("model (TCJEPAConfig)", TCJEPAConfig)):
         group = p.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -103,7 +108,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = COCO_DEFAULTS if given.get("dataset") == "coco" else {}
+    base = COCO_DEFAULTS if given.get("dataset") == "coco" else SHAPES_LONG if args.preset == "shapes_long" else {}
     tcfg = TrainConfig(**{**base, **{k: v for k, v in given.items() if k in tfields}})
     preset = args.preset or ("vit_b16" if tcfg.dataset == "coco" else "shapes")
     # shapes: the text losses are off by default; at this scale the paper's lambda 0.1 / beta 0.5

@@ -108,6 +108,24 @@ def torch_loop_masks(B, cfg, g):
     return ctx, torch.stack(tgts)
 
 
+def first_layout_conditioner(cond, x, words, word_mask):
+    """The conditioner as first written (kept here only to measure the gain of the current
+    layout): captions inside (B, Q, C, .), einsum for the values, amax over captions."""
+    q = cond.q(cond.norm_q(x))
+    k, v = cond.k(words), cond.v(words)
+    dots = torch.einsum("bqp,bcsp->bqcs", q, k)
+    mask = word_mask[:, None]
+    att = dots.mul(q.size(-1) ** -0.5).masked_fill(~mask, float("-inf"))
+    att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0).softmax(-1)
+    y = torch.einsum("bqcs,bcsp->bqcp", att, v)
+    has_words = word_mask.any(-1)[:, None, :, None]
+    y = y.masked_fill(~has_words, float("-inf")).amax(2)
+    x = x + torch.where(has_words.any(2), y, 0.0)
+    x = x + cond.mlp(cond.norm2(x))
+    cos = dots / (q.norm(dim=-1)[:, :, None, None] * k.norm(dim=-1)[:, None] + 1e-6)
+    return x, cos.clamp(min=0) * mask
+
+
 def main():
     import random
 
@@ -128,6 +146,25 @@ def main():
     out.append(dict(what="masks B=256 grid 8x8 (shapes, min_keep 24)", vectorized_ms=1000 * vec,
                     python_loop_ms=1000 * loop, speedup=loop / vec, torch_loop_ms=1000 * tloop,
                     speedup_vs_torch_loop=tloop / vec))
+
+    # 1b. one text conditioner, forward + backward, shapes default sizes (B 64, M*L = 4 x 62 tokens,
+    # 5 captions of 16 slots, 9 real words): current layout vs the first one
+    cfg = tcjepa.TCJEPAConfig()
+    torch.manual_seed(0)
+    cond = tcjepa.TextConditioner(cfg)
+    x = torch.randn(64, 4 * 62, cfg.pred_width, requires_grad=True)
+    words = torch.randn(64, 5, 16, cfg.text_width)
+    wm = torch.zeros(64, 5, 16, dtype=torch.bool)
+    wm[..., :9] = True
+
+    def fwd_bwd(fn):
+        y, O = fn()[:2]
+        (y.sum() + O.sum()).backward()
+
+    now = timeit(lambda: fwd_bwd(lambda: cond(x, words, wm)), repeats=21)
+    first = timeit(lambda: fwd_bwd(lambda: first_layout_conditioner(cond, x, words, wm)), repeats=21)
+    out.append(dict(what="one text conditioner fwd+bwd, B 64, Q 248, C 5, S 16, P 64", current_ms=1000 * now,
+                    first_layout_ms=1000 * first, speedup=first / now))
 
     # 2. context sizes that reach the model (batch minimum), shapes grid 8x8, batch 128
     for min_keep in (10, 24):

@@ -65,6 +65,8 @@ def main(runs):
     out.append("| run (seed 0) | runs | " + " | ".join(keys2) + " |")
     out.append("|---|---|" + "---|" * len(keys2))
     for label, name in (("TC-JEPA, lambda = beta = 0", "tc_s0"), ("TC-JEPA, paper's lambda 0.1, beta 0.5", "tc_paper_s0"),
+                        ("TC-JEPA, lambda 0.1, beta 0", "tc_sparse_s0"), ("TC-JEPA, lambda 0, beta 0.5", "tc_consist_s0"),
+                        ("TC-JEPA, lambda 0.01, beta 0.05", "tc_tenth_s0"),
                         ("one conditioned layer", "tc_onelayer_s0"), ("captions mean-pooled", "tc_meanpool_s0")):
         d = load(runs, name)
         if d is None:

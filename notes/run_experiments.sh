@@ -6,10 +6,10 @@
 #   ONLY='^(tc|shuf)_s' bash notes/run_experiments.sh   # only the runs whose name matches
 #   python notes/report.py                   # tables + figures from runs/*/log.jsonl
 # Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
-# batch 64, 1500 steps, lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
+# batch 64, 1500 steps (long_*: 4000, --preset shapes_long), lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
 set -u
 cd "$(dirname "$0")/.."
-COMMON="--max_steps 1500 --lr 2e-3 --ema_start 0.99 --ema_end 0.99 --eval_every 500"
+COMMON="--lr 2e-3 --ema_start 0.99 --ema_end 0.99 --eval_every 500"  # + --max_steps 1500, or the preset's 4000
 TC="--text_cond cross --sparse_coef 0 --consist_coef 0"      # TC-JEPA, regularizers off (see sweep)
 runs=(
   # name                 flags
@@ -29,6 +29,18 @@ runs=(
   "ijepa_small_s0        --text_cond none --target_scale 0.1 0.15 --seed 0"
   "tc_large_s0           $TC --target_scale 0.2 0.25 --seed 0"
   "ijepa_large_s0        --text_cond none --target_scale 0.2 0.25 --seed 0"
+  # the long regime (--preset shapes_long = 4000 steps): I-JEPA and TC-JEPA, 3 seeds
+  "long_ijepa_s0         --preset shapes_long --text_cond none --seed 0"
+  "long_ijepa_s1         --preset shapes_long --text_cond none --seed 1"
+  "long_ijepa_s2         --preset shapes_long --text_cond none --seed 2"
+  "long_tc_s0            --preset shapes_long $TC --seed 0"
+  "long_tc_s1            --preset shapes_long $TC --seed 1"
+  "long_tc_s2            --preset shapes_long $TC --seed 2"
+  "long_ijepa_ema_s0     --preset shapes_long --text_cond none --ema_start 0.996 --ema_end 1.0 --seed 0"
+  # the lambda / beta plane between (0, 0) and the paper's (0.1, 0.5)
+  "tc_sparse_s0          --text_cond cross --sparse_coef 0.1 --consist_coef 0 --seed 0"
+  "tc_consist_s0         --text_cond cross --sparse_coef 0 --consist_coef 0.5 --seed 0"
+  "tc_tenth_s0           --text_cond cross --sparse_coef 0.01 --consist_coef 0.05 --seed 0"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
@@ -37,9 +49,11 @@ one() {  # $1 = name, rest = flags
   if pgrep -f -- "--out_dir runs/$name\$" > /dev/null; then  # started by an earlier driver: wait for it
     echo "wait $name"; while pgrep -f -- "--out_dir runs/$name\$" > /dev/null; do sleep 10; done; return
   fi
+  local budget="--max_steps 1500"
+  [[ " $* " == *" shapes_long "* ]] && budget=""  # the preset sets 4000 steps
   rm -rf "runs/$name"; mkdir -p "runs/$name"
-  echo "start $name: python train.py $COMMON $* --out_dir runs/$name"
-  OMP_NUM_THREADS=1 python train.py $COMMON "$@" --out_dir "runs/$name" > "runs/$name/stdout.txt" 2>&1
+  echo "start $name: python train.py $COMMON $budget $* --out_dir runs/$name"
+  OMP_NUM_THREADS=1 python train.py $COMMON $budget "$@" --out_dir "runs/$name" > "runs/$name/stdout.txt" 2>&1
   echo "done  $name ($(tail -c 300 runs/$name/stdout.txt | tr '\r' '\n' | tail -1))"
 }
 export -f one; export COMMON ONLY
