@@ -59,6 +59,16 @@ def main(runs):
                                                           for k in keys) + " |")
     for label, g in (("I-JEPA", ij), ("TC-JEPA", tc), ("TC-JEPA, shuffled captions", sh)):
         out.append(row(label, [d[1][-1] for d in g], keys, len(g)))
+    # --- the long regime (--preset shapes_long, 4000 steps)
+    out.append("")
+    lij, ltc = (group(runs, [f"long_{p}_s{s}" for s in seeds]) for p in ("ijepa", "tc"))
+    linit = [d[2] for d in lij + ltc]
+    out.append("| model, 4000 steps | runs | " + " | ".join(keys) + " |")
+    out.append("|---|---|" + "---|" * len(keys))
+    out.append(f"| random init | {len(linit)} | " + " | ".join(fmt([i[k] for i in linit]) if k in PROBES else "-"
+                                                           for k in keys) + " |")
+    for label, g in (("I-JEPA", lij), ("TC-JEPA", ltc), ("I-JEPA, EMA 0.996 -> 1.0", group(runs, ["long_ijepa_ema_s0"]))):
+        out.append(row(label, [d[1][-1] for d in g], keys, len(g)))
     # --- ablations and the lambda / beta sweep (seed 0)
     out.append("")
     keys2 = PROBES + VAL + ["pos_frac", "attn_entropy"]
@@ -95,7 +105,7 @@ def curves(runs):
     except ImportError:
         print("(matplotlib not installed: no curves)")
         return
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for name, color in (("ijepa", "tab:blue"), ("tc", "tab:orange"), ("shuf", "tab:gray")):
         for s in (0, 1, 2):
             d = load(runs, f"{name}_s{s}")
@@ -112,6 +122,14 @@ def curves(runs):
                            label=f"{label}: true captions" if label else None)
                 ax[2].plot([r["step"] for r in evals], [r["val_shuffled"] for r in evals], "x--", color=color, alpha=0.7,
                            label=f"{label}: shuffled captions" if label else None)
+    for name, color in (("long_ijepa", "tab:blue"), ("long_tc", "tab:orange")):
+        for s in (0, 1, 2):
+            d = load(runs, f"{name}_s{s}")
+            if d is not None:
+                steps = [0] + [r["step"] for r in d[1]]
+                ax[3].plot(steps, [d[2]["dense_shape"]] + [r["dense_shape"] for r in d[1]], "o-", color=color,
+                           alpha=0.7, label=("I-JEPA" if name == "long_ijepa" else "TC-JEPA") if s == 0 else None)
+    ax[3].set(title="dense shape probe, --preset shapes_long", xlabel="step")
     ax[0].set(title="training prediction loss", xlabel="step", yscale="log")
     ax[1].set(title="dense shape probe (val, mean per-class acc.)", xlabel="step")
     ax[2].set(title="val prediction loss, fixed masks", xlabel="step", yscale="log")
