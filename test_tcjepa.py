@@ -310,6 +310,31 @@ def test_encode_uses_target_encoder():
     assert not torch.allclose(model.encode(x), feats)
 
 
+def scalar_reads(fn):
+    """Number of tensor -> Python scalar reads (.item(), bool(t), float(t)) while fn runs: on a GPU
+    each is a host-device synchronization. On the CPU they show up in the profiler all the same."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.name in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero") for e in prof.events())
+
+
+@pytest.mark.parametrize("text_cond,sparse", [("cross", 0.0), ("cross", 0.1), ("none", 0.0)])
+def test_model_step_reads_no_scalars(text_cond, sparse):
+    cfg = tiny_cfg(text_cond=text_cond, sparse_coef=sparse)
+    g = torch.Generator().manual_seed(0)
+    model = TCJEPA(cfg)
+    ctx, tgt = sample_masks(4, cfg, g)  # masks are drawn on the CPU before the step, on purpose
+    tokens, word_mask = fake_text(4, cfg, g)
+    images = torch.randn(4, 3, 32, 32)
+
+    def step():  # forward, backward, EMA: what runs on the GPU each step (AdamW's own step counter is a CPU tensor)
+        model(images, ctx, tgt, tokens, word_mask)["loss"].backward()
+        model.update_target(0.99)
+
+    assert scalar_reads(lambda: torch.ones(3).sum().item()) > 0  # the detector sees a read
+    assert scalar_reads(step) == 0
+
+
 # =============================================================================
 # data.py
 
