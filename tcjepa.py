@@ -259,8 +259,8 @@ class TextConditioner(nn.Module):
         patch-word similarities O (B, Q, C, S), zero at padding, and the mean attention entropy."""
         q = self.q(self.norm_q(x))  # (B, Q, P)
         k, v = self.k(words), self.v(words)  # (B, C, S, P)
-        # captions lead (B, C, Q, .): the per-caption products are then one bmm each with no
-        # transposed copies, and the max over captions reads contiguous slices (perf.md: -N%)
+        # captions lead, (B, C, Q, .): the values are then one batched matmul with no transposed
+        # copies (with `max` below: conditioner forward + backward 1.28x faster, notes/perf.md)
         dots = torch.einsum("bqp,bcsp->bcqs", q, k)  # (B, C, Q, S)
         mask = word_mask[:, :, None]  # (B, C, 1, S)
         # a caption with no words attends uniformly (masked to 0 below), instead of NaN
