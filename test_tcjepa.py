@@ -778,6 +778,19 @@ def test_probes_known_answers():
     assert abs(train.average_precision(torch.rand(500, 3, generator=g), labels) - 0.5) < 0.1
 
 
+def test_presets_fill_only_what_is_not_given():
+    import train
+
+    t, m = train.parse_args(["--preset", "shapes_long"])
+    assert (t.max_steps, t.eval_every, m.width, m.sparse_coef) == (4000, 500, 128, 0.0)
+    t, _ = train.parse_args(["--preset", "shapes_long", "--max_steps", "7"])
+    assert t.max_steps == 7  # a flag given wins over the preset
+    t, m = train.parse_args([])
+    assert t.max_steps == 1000 and m.sparse_coef == 0.0  # shapes default: text losses off (dead zone)
+    t, m = train.parse_args(["--dataset", "coco"])
+    assert (t.lr, t.ema_start, m.width, m.sparse_coef, m.consist_coef) == (1e-3, 0.996, 768, 0.1, 0.5)
+
+
 def test_schedules_follow_ijepa():
     t = train.TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, start_lr=2e-4, final_lr=1e-6,
                           ema_start=0.996, ema_end=1.0)

@@ -72,7 +72,7 @@ COCO_DEFAULTS = dict(lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_
                      warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
 
 # --preset shapes_long: the shortest budget found where I-JEPA's encoder clearly beats its random
-# init on the dense shape probe (notes/experiments.md sec. 1); ~30 min on one CPU thread
+# init on the dense shape probe (notes/experiments.md sec. 1); one CPU thread: ~25 min I-JEPA, ~40 min TC-JEPA
 SHAPES_LONG = dict(max_steps=4000, eval_every=500)
 
 LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")  # per-step values
