@@ -188,6 +188,40 @@ def test_text_losses_match_direct_recomputation():
     torch.testing.assert_close(consist, co / n)
 
 
+
+def test_block_union_matches_a_loop():
+    """The batched-matmul union of blocks equals the cells a per-block double loop paints."""
+    g = torch.Generator().manual_seed(7)
+    G, B, M, h, w = 9, 16, 4, 3, 5
+    top = torch.randint(0, G - h + 1, (B, M), generator=g)
+    left = torch.randint(0, G - w + 1, (B, M), generator=g)
+    union = tcjepa._block_union(top, left, h, w, G)
+    ref = torch.zeros(B, G * G, dtype=torch.bool)
+    for b in range(B):
+        for m in range(M):
+            for i in range(h):
+                for j in range(w):
+                    ref[b, (top[b, m] + i) * G + left[b, m] + j] = True
+    assert torch.equal(union, ref)
+
+
+def test_context_order_does_not_change_the_loss():
+    """sample_masks returns the context in random order; the model must not care (positions are
+    gathered with the tokens, attention and the conditioner are permutation-equivariant)."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TCJEPA(cfg)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 32, 32)
+    ctx, tgt = sample_masks(2, cfg, g)
+    assert not torch.equal(ctx, ctx.sort(1).values)  # the order really is random
+    tokens, word_mask = fake_text(2, cfg, g)
+    a = model(images, ctx, tgt, tokens, word_mask)
+    b = model(images, ctx.sort(1).values, tgt, tokens, word_mask)
+    for k in ("loss_pred", "loss_sparse", "loss_consist"):
+        torch.testing.assert_close(a[k], b[k])
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -279,12 +313,12 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-@pytest.mark.parametrize("text_cond", ["cross", "none"])
-def test_flops_estimate_matches_flop_counter(text_cond):
+@pytest.mark.parametrize("text_cond,cond_mlp_ratio", [("cross", 4.0), ("cross", 1.0), ("none", 4.0)])
+def test_flops_estimate_matches_flop_counter(text_cond, cond_mlp_ratio):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = tiny_cfg(text_cond=text_cond, width=64, pred_width=32, img_size=64)
+    cfg = tiny_cfg(text_cond=text_cond, width=64, pred_width=32, img_size=64, cond_mlp_ratio=cond_mlp_ratio)
     model = TCJEPA(cfg)
     g = torch.Generator().manual_seed(0)
     ctx, tgt = sample_masks(2, cfg, g)

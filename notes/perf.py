@@ -67,7 +67,7 @@ def naive_masks(B, cfg, rng):
         ctxs.append(best[0])
         tgts.append(best[1])
     keep = min(len(c) for c in ctxs)
-    ctx = torch.tensor([sorted(rng.sample(c, keep)) for c in ctxs])
+    ctx = torch.tensor([rng.sample(c, keep) for c in ctxs])  # a random subset, in random order
     return ctx, torch.tensor(tgts)
 
 
@@ -104,7 +104,7 @@ def torch_loop_masks(B, cfg, g):
         ctxs.append(best[0])
         tgts.append(torch.stack(best[1]))
     keep = min(len(c) for c in ctxs)
-    ctx = torch.stack([c[torch.randperm(len(c), generator=g)[:keep]].sort().values for c in ctxs])
+    ctx = torch.stack([c[torch.randperm(len(c), generator=g)[:keep]] for c in ctxs])
     return ctx, torch.stack(tgts)
 
 

@@ -41,6 +41,8 @@ runs=(
   "tc_sparse_s0          --text_cond cross --sparse_coef 0.1 --consist_coef 0 --seed 0"
   "tc_consist_s0         --text_cond cross --sparse_coef 0 --consist_coef 0.5 --seed 0"
   "tc_tenth_s0           --text_cond cross --sparse_coef 0.01 --consist_coef 0.05 --seed 0"
+  # a lighter conditioner: MLP hidden = 1 x P instead of 4 x P (notes/perf.md, the TC/I step ratio)
+  "tc_mlp1_s0            $TC --cond_mlp_ratio 1 --seed 0"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
