@@ -777,6 +777,22 @@ def test_train_stops_on_nan_naming_the_step(tmp_path, monkeypatch, capsys):
     assert ckpt["step"] + 1 == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
+    """--bench times steps after the warm-up and reports how long the step waited for data: a
+    loader slowed by 60 ms per batch must show up as >= 60 ms of wait in every timed step."""
+    collate = train.data.Collate.__call__
+
+    def slow_collate(self, items):
+        time.sleep(0.06)
+        return collate(self, items)
+
+    monkeypatch.setattr(train.data.Collate, "__call__", slow_collate)
+    rec = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--out_dir", str(tmp_path / "b")])
+    assert rec["steps"] == 3 and rec["mfu"] is None and rec["recompiles_after_warmup"] == 0  # CPU: no known peak
+    assert 60 <= rec["data_wait_ms_per_step"] < rec["ms_per_step"]
+    assert rec["img_per_s"] == pytest.approx(8 * 1000 / rec["ms_per_step"], rel=1e-6)
+
+
 def test_train_on_coco_fixture(coco_dir, tmp_path):
     out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
                     "--batch_size", "2", "--max_steps", "3", "--out_dir", str(tmp_path / "c"))

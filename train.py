@@ -278,9 +278,10 @@ def probes(raw_model, train_set, val_set, n_train, device, autocast):
     return res
 
 
-def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0):
+def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0, data_wait):
     """--bench N: warm-up steps (compilation, allocator) outside the timed region, then N timed
-    steps between two synchronizations. Also counts recompilations after the warm-up."""
+    steps between two synchronizations. Also counts recompilations after the warm-up and the time
+    blocked on the DataLoader (data_wait[0], seconds): near 0 when the loader keeps up."""
     import torch._dynamo.utils as dynamo_utils
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -290,7 +291,7 @@ def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0):
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    flops, n_img, t0 = 0.0, 0, time.perf_counter()
+    flops, n_img, data_wait[0], t0 = 0.0, 0, 0.0, time.perf_counter()
     for step in range(tcfg.bench_warmup, tcfg.bench_warmup + tcfg.bench):
         _, n, shapes = train_step(step)
         flops += raw_model.flops_per_image(*shapes) * n
@@ -302,6 +303,7 @@ def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0):
                compile=tcfg.compile, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(), torch=torch.__version__, steps=tcfg.bench,
                ms_per_step=1000 * dt / tcfg.bench, img_per_s=n_img / dt,
+               data_wait_ms_per_step=1000 * data_wait[0] / tcfg.bench,
                peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
                mfu=flops / dt / world / peak_flops if peak_flops else None,
                recompiles_after_warmup=dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
@@ -436,6 +438,7 @@ def main(argv=None):
     never = 2**62
     first_bad = torch.tensor(never, device=device)  # first step with a non-finite loss, kept on the device
     t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
+    data_wait = [0.0]  # seconds blocked on the loader (--bench reports it: does the loader keep up?)
     def train_step(step):
         """One optimizer step of grad_accum micro-steps. Returns the loss parts summed over the
         micro-steps (on the device: no sync), the images seen and the last (Nc, Nt)."""
@@ -445,7 +448,9 @@ def main(argv=None):
         opt.param_groups[0]["weight_decay"] = wd
         total, n_img = 0.0, 0
         for micro in range(tcfg.grad_accum):
+            t_wait = time.perf_counter()
             batch = next(data_iter)
+            data_wait[0] += time.perf_counter() - t_wait
             B = batch["images"].size(0)
             ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync
             images, tokens, wm, ctx, tgt = (x.to(device, non_blocking=True) for x in
@@ -468,7 +473,7 @@ def main(argv=None):
         return total, n_img, (ctx.size(1), tgt.size(2))
 
     if tcfg.bench:
-        return benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0)
+        return benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0, data_wait)
 
     bar = None
     if master:

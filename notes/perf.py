@@ -2,6 +2,8 @@
 CPU measurements behind notes/perf.md. Run from the repository root:
 
   OMP_NUM_THREADS=1 python notes/perf.py            # prints one JSON line per measurement
+  python notes/perf.py --coco-fixture DIR N         # writes N fake COCO images per split into DIR
+  OMP_NUM_THREADS=1 python notes/perf.py --profile-conditioner   # where one conditioner's time goes
 
 Each timing takes the median of several repeats after a warm-up. The training-step timings
 (text conditioner cost, recompilations) are done with `train.py --bench`, see notes/perf.md.
@@ -108,6 +110,35 @@ def torch_loop_masks(B, cfg, g):
     return ctx, torch.stack(tgts)
 
 
+def boolean_union(top, left, h, w, grid):
+    """tcjepa._block_union as first written (kept only to measure the gain of the matmul form):
+    a (B, M, N) boolean cover of every block, reduced over the blocks with any()."""
+    r = torch.arange(grid, device=top.device)
+    rows = (r >= top[..., None]) & (r < top[..., None] + h)  # (B, M, grid)
+    cols = (r >= left[..., None]) & (r < left[..., None] + w)
+    return (rows[..., :, None] & cols[..., None, :]).flatten(-2).any(1)  # (B, N)
+
+
+def coco_fixture(root, n, splits=("train", "val")):
+    """n COCO-sized (640x480) JPEGs with 5 captions each per split, in the COCO 2017 layout.
+    Smooth random colour fields, so they compress like photos rather than like noise."""
+    from PIL import Image
+
+    os.makedirs(f"{root}/annotations", exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for split in splits:
+        os.makedirs(f"{root}/{split}2017", exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            arr = (torch.rand(480 // 8, 640 // 8, 3, generator=gen) * 255).byte()
+            img = Image.fromarray(arr.numpy()).resize((640, 480), Image.BILINEAR)
+            img.save(f"{root}/{split}2017/{i:012d}.jpg", quality=90)
+            images.append(dict(id=i, file_name=f"{i:012d}.jpg"))
+            anns += [dict(id=5 * i + k, image_id=i, caption=f"a photo number {i} view {k}") for k in range(5)]
+        with open(f"{root}/annotations/captions_{split}2017.json", "w") as f:
+            json.dump(dict(images=images, annotations=anns), f)
+
+
 def first_layout_conditioner(cond, x, words, word_mask):
     """The conditioner as first written (kept here only to measure the gain of the current
     layout): captions inside (B, Q, C, .), einsum for the values, amax over captions."""
@@ -126,6 +157,35 @@ def first_layout_conditioner(cond, x, words, word_mask):
     return x, cos.clamp(min=0) * mask
 
 
+def profile_conditioner():
+    """Where one conditioner's forward + backward spends its time (shapes default sizes): the ops
+    grouped by input shape; the (64, 5, 248, 64) rows are the per-caption attention outputs."""
+    from torch.profiler import profile
+
+    cfg = tcjepa.TCJEPAConfig()
+    torch.manual_seed(0)
+    cond = tcjepa.TextConditioner(cfg)
+    x = torch.randn(64, 4 * 62, cfg.pred_width, requires_grad=True)
+    words = torch.randn(64, 5, 16, cfg.text_width)
+    wm = torch.zeros(64, 5, 16, dtype=torch.bool)
+    wm[..., :9] = True
+
+    def fwd_bwd():
+        cond(x, words, wm)[0].sum().backward()
+
+    for _ in range(3):
+        fwd_bwd()
+    with profile(record_shapes=True) as prof:
+        for _ in range(10):
+            fwd_bwd()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    big = sum(e.self_cpu_time_total for e in events if "[64, 5, 248, 64]" in str(e.input_shapes))
+    print(f"ops with a (64, 5, 248, 64) input: {100 * big / total:.1f}% of the self CPU time")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=30,
+                       max_shapes_column_width=70))
+
+
 def main():
     import random
 
@@ -139,6 +199,16 @@ def main():
     out.append(dict(what="masks B=256 grid 14x14 (vit_b16, min_keep 10)", vectorized_ms=1000 * vec,
                     python_loop_ms=1000 * loop, speedup=loop / vec, torch_loop_ms=1000 * tloop,
                     speedup_vs_torch_loop=tloop / vec))
+    # the two changes of the third session: the union of blocks as a matmul, and no sort of the context
+    matmul_union = tcjepa._block_union
+    tcjepa._block_union = boolean_union
+    boolean = timeit(lambda: tcjepa.sample_masks(256, cfg, g), repeats=21)
+    tcjepa._block_union = matmul_union
+    now = timeit(lambda: tcjepa.sample_masks(256, cfg, g), repeats=21)
+    ctx = tcjepa.sample_masks(256, cfg, g)[0]
+    sort = timeit(lambda: ctx.sort(1), repeats=21)
+    out.append(dict(what="masks 14x14: union as matmul vs boolean any(); cost of sorting the context",
+                    boolean_union_ms=1000 * boolean, matmul_union_ms=1000 * now, sort_ctx_ms=1000 * sort))
     cfg = tcjepa.TCJEPAConfig()  # shapes: 8x8 grid, min_keep 24, where redraws happen
     vec = timeit(lambda: tcjepa.sample_masks(256, cfg, g))
     loop = timeit(lambda: naive_masks(256, cfg, rng), repeats=5)
@@ -193,29 +263,32 @@ def main():
     out.append(dict(what="shapes render, batch 256", img_per_s=256 / sec))
 
     # 5. COCO decode + RandomResizedCrop(224) per DataLoader worker, on COCO-sized JPEGs (640x480)
-    from PIL import Image
-
     with tempfile.TemporaryDirectory() as root:
-        os.makedirs(f"{root}/train2017")
-        os.makedirs(f"{root}/annotations")
-        images, anns = [], []
-        gen = torch.Generator().manual_seed(0)
-        for i in range(64):
-            arr = (torch.rand(480 // 8, 640 // 8, 3, generator=gen) * 255).byte()
-            img = Image.fromarray(arr.numpy()).resize((640, 480), Image.BILINEAR)
-            img.save(f"{root}/train2017/{i:012d}.jpg", quality=90)
-            images.append(dict(id=i, file_name=f"{i:012d}.jpg"))
-            anns.append(dict(id=i, image_id=i, caption=f"a photo number {i}"))
-        json.dump(dict(images=images, annotations=anns), open(f"{root}/annotations/captions_train2017.json", "w"))
+        coco_fixture(root, 64, splits=("train",))
         sys.stdout = io.StringIO()  # the dataset prints its summary line
         coco = data.CocoCaptions(root, "train", img_size=224)
         sys.stdout = sys.__stdout__
         sec = timeit(lambda: [coco[(i, i)] for i in range(64)], repeats=3)
-        out.append(dict(what="COCO decode + RandomResizedCrop(224), 640x480 JPEG, one worker", img_per_s=64 / sec))
+
+        def decode_only():  # the JPEG decode alone: what GPU decoding could take off the workers
+            from PIL import Image
+
+            for path in coco.files:
+                with Image.open(path) as im:
+                    im.convert("RGB")
+
+        dec = timeit(decode_only, repeats=3)
+        out.append(dict(what="COCO decode + RandomResizedCrop(224), 640x480 JPEG, one worker", img_per_s=64 / sec,
+                        ms_per_img=1000 * sec / 64, decode_only_ms_per_img=1000 * dec / 64))
 
     for rec in out:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--coco-fixture"]:  # python notes/perf.py --coco-fixture DIR N (used by gpu_check.sh)
+        coco_fixture(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--profile-conditioner"]:
+        profile_conditioner()
+    else:
+        main()

@@ -50,14 +50,15 @@ def main(runs):
     out = []
     seeds = [0, 1, 2]
     # --- main comparison: random init, I-JEPA, TC-JEPA, TC-JEPA on shuffled captions
-    ij, tc, sh = (group(runs, [f"{p}_s{s}" for s in seeds]) for p in ("ijepa", "tc", "shuf"))
+    ij, tc, sh, m1 = (group(runs, [f"{p}_s{s}" for s in seeds]) for p in ("ijepa", "tc", "shuf", "tc_mlp1"))
     init = [d[2] for d in ij + tc + sh]  # the same init per seed: every run measures it
     keys = PROBES + VAL
     out.append("| model | runs | " + " | ".join(keys) + " |")
     out.append("|---|---|" + "---|" * len(keys))
     out.append(f"| random init | {len(init)} | " + " | ".join(fmt([i[k] for i in init]) if k in PROBES else "-"
                                                           for k in keys) + " |")
-    for label, g in (("I-JEPA", ij), ("TC-JEPA", tc), ("TC-JEPA, shuffled captions", sh)):
+    for label, g in (("I-JEPA", ij), ("TC-JEPA", tc), ("TC-JEPA, shuffled captions", sh),
+                     ("TC-JEPA, --cond_mlp_ratio 1", m1)):
         out.append(row(label, [d[1][-1] for d in g], keys, len(g)))
     # --- the long regime (--preset shapes_long, 4000 steps)
     out.append("")

@@ -43,6 +43,8 @@ runs=(
   "tc_tenth_s0           --text_cond cross --sparse_coef 0.01 --consist_coef 0.05 --seed 0"
   # a lighter conditioner: MLP hidden = 1 x P instead of 4 x P (notes/perf.md, the TC/I step ratio)
   "tc_mlp1_s0            $TC --cond_mlp_ratio 1 --seed 0"
+  "tc_mlp1_s1            $TC --cond_mlp_ratio 1 --seed 1"
+  "tc_mlp1_s2            $TC --cond_mlp_ratio 1 --seed 2"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
