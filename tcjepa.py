@@ -64,8 +64,8 @@ class TCJEPAConfig:
     consist_coef: float = 0.5  # beta, weight of the cross-layer consistency loss (paper: 0.5)
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
-    # conditioner MLP hidden = cond_mlp_ratio * P. The paper gives no width; 4 (the blocks') makes
-    # each conditioner cost about a predictor block, 1 makes TC-JEPA's step ~20% cheaper (perf.md)
+    # conditioner MLP hidden = cond_mlp_ratio * P. The paper gives no width; with 4 (the blocks')
+    # a conditioner costs about a predictor block; 1 halves its FLOPs (CPU step 6-10% faster, perf.md)
     cond_mlp_ratio: float = 4.0
     # loss
     pred_loss: str = "smooth_l1"  # "smooth_l1" (official I-JEPA code) or "l2" (I-JEPA paper)

@@ -157,11 +157,9 @@ def first_layout_conditioner(cond, x, words, word_mask):
     return x, cos.clamp(min=0) * mask
 
 
-def profile_conditioner():
-    """Where one conditioner's forward + backward spends its time (shapes default sizes): the ops
-    grouped by input shape; the (64, 5, 248, 64) rows are the per-caption attention outputs."""
-    from torch.profiler import profile
-
+def conditioner_inputs():
+    """One conditioner at the shapes default sizes and its inputs: B 64, M*L = 4 x 62 tokens,
+    5 captions of 16 slots with 9 real words."""
     cfg = tcjepa.TCJEPAConfig()
     torch.manual_seed(0)
     cond = tcjepa.TextConditioner(cfg)
@@ -169,6 +167,15 @@ def profile_conditioner():
     words = torch.randn(64, 5, 16, cfg.text_width)
     wm = torch.zeros(64, 5, 16, dtype=torch.bool)
     wm[..., :9] = True
+    return cond, x, words, wm
+
+
+def profile_conditioner():
+    """Where one conditioner's forward + backward spends its time (shapes default sizes): the ops
+    grouped by input shape; the (64, 5, 248, 64) rows are the per-caption attention outputs."""
+    from torch.profiler import profile
+
+    cond, x, words, wm = conditioner_inputs()
 
     def fwd_bwd():
         cond(x, words, wm)[0].sum().backward()
@@ -219,13 +226,7 @@ def main():
 
     # 1b. one text conditioner, forward + backward, shapes default sizes (B 64, M*L = 4 x 62 tokens,
     # 5 captions of 16 slots, 9 real words): current layout vs the first one
-    cfg = tcjepa.TCJEPAConfig()
-    torch.manual_seed(0)
-    cond = tcjepa.TextConditioner(cfg)
-    x = torch.randn(64, 4 * 62, cfg.pred_width, requires_grad=True)
-    words = torch.randn(64, 5, 16, cfg.text_width)
-    wm = torch.zeros(64, 5, 16, dtype=torch.bool)
-    wm[..., :9] = True
+    cond, x, words, wm = conditioner_inputs()
 
     def fwd_bwd(fn):
         y, O = fn()[:2]
