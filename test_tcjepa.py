@@ -717,7 +717,8 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     full = train_log(a)
     assert sorted(full) == list(range(1, 13)) and full[12]["loss"] < full[1]["loss"]
     assert {"loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy", "lr", "momentum",
-            "ms_per_step", "img_per_s", "mfu"} <= set(full[1])
+            "ms_per_step", "img_per_s", "mfu", "data_wait_ms"} <= set(full[1])
+    assert all(0 <= r["data_wait_ms"] < r["ms_per_step"] for r in full.values())
     evals = [json.loads(line) for line in open(f"{a}/log.jsonl") if "val_true" in line]
     assert {"val_true", "val_shuffled", "val_none", "dense_shape", "img_count_acc"} <= set(evals[0])
     # the same run, stopped by SIGTERM part-way, then resumed: the same losses step for step

@@ -438,7 +438,7 @@ def main(argv=None):
     never = 2**62
     first_bad = torch.tensor(never, device=device)  # first step with a non-finite loss, kept on the device
     t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
-    data_wait = [0.0]  # seconds blocked on the loader (--bench reports it: does the loader keep up?)
+    data_wait = [0.0]  # seconds blocked on the loader since the last log line (does the loader keep up?)
     def train_step(step):
         """One optimizer step of grad_accum micro-steps. Returns the loss parts summed over the
         micro-steps (on the device: no sync), the images seen and the last (Nc, Nt)."""
@@ -511,8 +511,9 @@ def main(argv=None):
         dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
         flops = raw_model.flops_per_image(*shapes) * imgs / dt / world  # (Nc, Nt) of the last batch
         rec = dict(step=step + 1, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
-                   ms_per_step=1000 * dt / n, img_per_s=imgs / dt, mfu=flops / peak_flops if peak_flops else None)
-        running, t0, t_excl, imgs, log_start = None, time.time(), 0.0, 0, step + 1
+                   ms_per_step=1000 * dt / n, img_per_s=imgs / dt, mfu=flops / peak_flops if peak_flops else None,
+                   data_wait_ms=1000 * data_wait[0] / n)  # blocked on the loader: ~0 when it keeps up
+        running, t0, t_excl, imgs, log_start, data_wait[0] = None, time.time(), 0.0, 0, step + 1, 0.0
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
