@@ -63,6 +63,7 @@ class TrainConfig:
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
     bench: int = 0  # > 0: time this many steps after bench_warmup untimed ones, print, exit
     bench_warmup: int = 10  # untimed steps before --bench (compilation happens here)
+    bench_one_batch: bool = False  # --bench: every step reuses one batch (the step alone, no loader)
     # controls and ablations
     shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
@@ -433,6 +434,10 @@ def main(argv=None):
         return
 
     data_iter = iter(loader)
+    next_batch = lambda: next(data_iter)  # noqa: E731
+    if tcfg.bench and tcfg.bench_one_batch:  # time the step alone, without the loader: reuse one batch
+        one_batch = next(data_iter)
+        next_batch = lambda: one_batch  # noqa: E731
     dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
     running = None  # loss parts summed on the device since the last log line (no sync per step)
     never = 2**62
@@ -449,7 +454,7 @@ def main(argv=None):
         total, n_img = 0.0, 0
         for micro in range(tcfg.grad_accum):
             t_wait = time.perf_counter()
-            batch = next(data_iter)
+            batch = next_batch()
             data_wait[0] += time.perf_counter() - t_wait
             B = batch["images"].size(0)
             ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync

@@ -1,53 +1,64 @@
 #!/usr/bin/env bash
 # The ONE prepared GPU run. The workplace lends an H200 to some sessions only, 15 minutes of device
-# time in all (start-up included) and at most 10 minutes a command, so this script stops starting
-# new sections after BUDGET seconds (default 300; each section is capped at 120 s, so the
-# script ends within ~7 minutes) and leaves room for one rerun.
+# time in all (start-up included) and at most 10 minutes a command, so this script starts no new
+# section after BUDGET seconds (default 240; each section is capped at 150 s, so the script ends
+# within ~7 minutes) and leaves room for one rerun. At most 8 files come back from $OUT.
 # Run from the repository root on the GPU machine; everything lands in $OUT (default /tmp/gpu_out):
 #   bash notes/gpu_check.sh
 # 1. the CUDA tests: bf16 + torch.compile + fused attention, no host sync in a whole step
-# 2. --bench: ViT-B/16 at 224, batch 128, 5 captions, compiled, bf16, fed by the shapes renderer:
+# 2. a canary: a tiny model, compiled with dynamic block sizes on CUDA, 20 steps; if it fails the
+#    ViT-B sections run eagerly (--compile off) rather than fail the same way three times
+# 3. --bench: ViT-B/16 at 224, batch 128, 5 captions, bf16, the step alone (--bench_one_batch):
 #    I-JEPA vs TC-JEPA img/s, ms/step, peak memory, MFU against 989 TFLOP/s, recompilations
-# 3. the COCO input pipeline against that step: the same I-JEPA benchmark fed by DataLoader
-#    workers decoding COCO-sized JPEGs (a fixture in the COCO 2017 layout); data_wait_ms_per_step
-#    near 0 means the loader keeps up
-# 4. if time is left: TC-JEPA with the lighter conditioner (--cond_mlp_ratio 1)
+# 4. the COCO input pipeline against that step: I-JEPA fed by DataLoader workers decoding a
+#    COCO-layout fixture of 640x480 JPEGs; data_wait_ms_per_step near 0 = the loader keeps up
+# 5. if time is left: TC-JEPA with the lighter conditioner (--cond_mlp_ratio 1)
+# bench.txt gets every section's result line and exit code; <section>.log the whole output.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
-BUDGET=${BUDGET:-300}
+BUDGET=${BUDGET:-240}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 EXTRA=${EXTRA:-}  # appended to every train.py command; a CPU dry run of this script:
 # EXTRA="--device cpu --compile off --batch_size 2 --bench 1 --bench_warmup 1 --num_workers 1" bash notes/gpu_check.sh
 left() { [ "$SECONDS" -lt "$BUDGET" ] || { echo "skipped (budget): $1" | tee -a "$OUT/bench.txt"; return 1; }; }
+section() {  # $1 = name, rest = train.py flags: full log to $OUT/$1.log, result line + rc to bench.txt
+  local name=$1; shift
+  timeout -k 10 150 $PY train.py "$@" --out_dir "/tmp/gpu_$name" $EXTRA > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $(grep '^bench' "$OUT/$name.log" | tail -1)" | tee -a "$OUT/bench.txt"
+  [ $rc -eq 0 ] || tail -5 "$OUT/$name.log" | tee -a "$OUT/bench.txt"
+  return $rc
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), 'cpus', __import__('os').cpu_count())"
+  $PY -c "import torch, os; print('torch', torch.__version__, torch.cuda.get_device_name(), 'cpus', os.cpu_count())"
+  df -h /dev/shm
   git log --oneline -1
-} 2>&1 | tee "$OUT/env.txt"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
 
-timeout 100 $PY -m pytest -q test_tcjepa.py -k "cuda or flops" 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout -k 10 120 $PY -m pytest -q -rA test_tcjepa.py -k "cuda or flops" > "$OUT/tests.log" 2>&1
+echo "tests rc=$? $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/bench.txt"
 
-VITB="--preset vit_b16 --img_size 224 --batch_size 128 --n_captions 5 --compile on --val_size 128"
+COMPILE="--compile on"
+section canary --width 64 --depth 2 --heads 2 --pred_width 32 --pred_depth 2 --text_width 32 --batch_size 32 \
+  --shapes_size 2000 --val_size 32 --compile on --bench 20 --bench_warmup 5 || COMPILE="--compile off"
+
+VITB="--preset vit_b16 --img_size 224 --batch_size 128 --n_captions 5 --val_size 128 --shapes_size 2000 $COMPILE"
 for tc in none cross; do
-  left "bench $tc" || break
-  timeout 120 $PY train.py $VITB --text_cond $tc --bench 30 --bench_warmup 15 --num_workers 12 \
-    --out_dir /tmp/bench_$tc $EXTRA 2>&1 | grep -E "^bench|Error|error" | tee -a "$OUT/bench.txt"
+  left "vitb_$tc" && section "vitb_$tc" $VITB --text_cond $tc --bench 30 --bench_warmup 10 --bench_one_batch true
 done
 
-if left "coco loader"; then
+if left "coco"; then
   W=$(( $(nproc) - 2 ))
   $PY notes/perf.py --coco-fixture /tmp/coco_fix 400 \
-    && timeout 120 $PY train.py $VITB --dataset coco --data_dir /tmp/coco_fix --text_cond none --bench 20 \
-      --bench_warmup 10 --num_workers $W --out_dir /tmp/bench_coco $EXTRA 2>&1 | grep -E "^bench|Error|error" \
-      | sed "s/^bench/bench coco_workers=$W/" | tee -a "$OUT/bench.txt"
+    && section coco $VITB --dataset coco --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10 \
+       --num_workers $W
 fi
 
-if left "cond_mlp_ratio 1"; then
-  timeout 120 $PY train.py $VITB --text_cond cross --cond_mlp_ratio 1 --bench 30 --bench_warmup 15 \
-    --num_workers 12 --out_dir /tmp/bench_mlp1 $EXTRA 2>&1 | grep -E "^bench|Error|error" \
-    | sed "s/^bench/bench cond_mlp_ratio=1/" | tee -a "$OUT/bench.txt"
-fi
+left "vitb_mlp1" && section vitb_mlp1 $VITB --text_cond cross --cond_mlp_ratio 1 --bench 30 --bench_warmup 10 \
+  --bench_one_batch true
 echo "elapsed ${SECONDS}s" | tee -a "$OUT/bench.txt"
 ls -la "$OUT"
