@@ -888,6 +888,49 @@ def test_cuda_bf16_compile_matches_eager_and_no_sync():
 
 
 @cuda
+def test_cuda_compiled_dynamic_shapes_one_graph_no_sync():
+    """The compiled step on CUDA as train.py runs it (block sizes change per batch, both dims
+    marked dynamic): one graph for every (Nc, Nt), and no host-device sync once compiled."""
+    import torch._dynamo.utils as dynamo_utils
+
+    cfg = tiny_cfg(img_size=64, width=64, heads=2, pred_width=32)
+    torch.manual_seed(0)
+    model = TCJEPA(cfg).cuda()
+    compiled = torch.compile(model)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 64, 64, device="cuda")
+    tokens, word_mask = (x.cuda() for x in fake_text(8, cfg, g))
+    batches = {}
+    for _ in range(500):  # four batches with four different (Nc, Nt)
+        ctx, tgt = sample_masks(8, cfg, g)
+        batches.setdefault((ctx.shape[1], tgt.shape[2]), (ctx.cuda(), tgt.cuda()))
+        if len(batches) == 4:
+            break
+    assert len(batches) == 4
+
+    def step(ctx, tgt):
+        torch._dynamo.mark_dynamic(ctx, 1)
+        torch._dynamo.mark_dynamic(tgt, 2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(images, ctx, tgt, tokens, word_mask)
+        out["loss"].backward()
+        model.update_target(0.99)
+
+    shapes = list(batches.values())
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    step(*shapes[0])  # compiles forward and backward
+    step(*shapes[1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(*shapes[2])
+        step(*shapes[3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@cuda
 def test_cuda_flash_attention_path():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
