@@ -434,10 +434,8 @@ def main(argv=None):
         return
 
     data_iter = iter(loader)
-    next_batch = lambda: next(data_iter)  # noqa: E731
-    if tcfg.bench and tcfg.bench_one_batch:  # time the step alone, without the loader: reuse one batch
-        one_batch = next(data_iter)
-        next_batch = lambda: one_batch  # noqa: E731
+    # --bench_one_batch: every step reuses one batch, which times the step alone, without the loader
+    one_batch = next(data_iter) if tcfg.bench and tcfg.bench_one_batch else None
     dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
     running = None  # loss parts summed on the device since the last log line (no sync per step)
     never = 2**62
@@ -454,7 +452,7 @@ def main(argv=None):
         total, n_img = 0.0, 0
         for micro in range(tcfg.grad_accum):
             t_wait = time.perf_counter()
-            batch = next_batch()
+            batch = one_batch if one_batch is not None else next(data_iter)
             data_wait[0] += time.perf_counter() - t_wait
             B = batch["images"].size(0)
             ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync
