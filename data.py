@@ -442,7 +442,7 @@ class Collate:
         tokens = torch.tensor(padded, dtype=torch.long).view(B, C, S)
         word_mask = torch.arange(S) < torch.tensor(lengths).view(B, C, 1)  # (B, C, S) True for real words
         # only what training reads: the shapes ground truth (per-pixel maps, attrs) stays in the
-        # worker (probes render it themselves); at 224 px stacking the maps took 2/3 of this call
+        # worker (probes render it themselves); at 224 px stacking the maps took half of this call
         return dict(images=torch.stack([it["image"] for it in items]), tokens=tokens, word_mask=word_mask,
                     captions=chosen)
 

@@ -124,7 +124,7 @@ def sample_masks(batch_size, cfg, generator=None, device=None, max_tries=20):
     scale and aspect are independent, an image whose context has fewer than min_keep patches is
     redrawn (targets and context) up to max_tries times and otherwise keeps its largest draw
     (never overlapping), and contexts are cut to the batch minimum by a random subset, not in
-    raster order (which would drop the bottom of the image)."""
+    raster order (which would drop the bottom of the image); ctx comes in random order."""
     B, M, G, N = batch_size, cfg.n_targets, cfg.grid, cfg.grid**2
     g = generator
     th, tw = _block_size(cfg.target_scale, cfg.target_aspect, N, G, g, device)
