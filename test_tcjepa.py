@@ -801,6 +801,7 @@ def test_train_on_coco_fixture(coco_dir, tmp_path):
     out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
                     "--batch_size", "2", "--max_steps", "3", "--out_dir", str(tmp_path / "c"))
     assert "coco train: 5 images" in out.stdout and os.path.exists(tmp_path / "c" / "tokenizer.json")
+    assert f"{train.auto_workers()} loader workers" in out.stdout  # COCO's default: workers from the cores
     assert sorted(train_log(tmp_path / "c")) == [1, 2, 3]
 
 
@@ -843,6 +844,21 @@ def test_presets_fill_only_what_is_not_given():
     assert t.max_steps == 1000 and m.sparse_coef == 0.0  # shapes default: text losses off (dead zone)
     t, m = train.parse_args(["--dataset", "coco"])
     assert (t.lr, t.ema_start, m.width, m.sparse_coef, m.consist_coef) == (1e-3, 0.996, 768, 0.1, 0.5)
+
+
+def test_auto_workers_share_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.auto_workers() == 15  # one core is left for the training process itself
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4: 16 cores, 4 each
+    assert train.auto_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert train.auto_workers() == 1  # never 0: COCO decoding stays out of the training process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(256)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.auto_workers() == 32
+    t, _ = train.parse_args(["--dataset", "coco"])
+    assert t.num_workers == -1 and train.parse_args([])[0].num_workers == 0  # shapes renders in-process
 
 
 def test_schedules_follow_ijepa():

@@ -11,7 +11,8 @@
 # 3. --bench: ViT-B/16 at 224, batch 128, 5 captions, bf16, the step alone (--bench_one_batch):
 #    I-JEPA vs TC-JEPA img/s, ms/step, peak memory, MFU against 989 TFLOP/s, recompilations
 # 4. the COCO input pipeline against that step: I-JEPA fed by DataLoader workers decoding a
-#    COCO-layout fixture of 640x480 JPEGs; data_wait_ms_per_step near 0 = the loader keeps up
+#    COCO-layout fixture of 640x480 JPEGs (the default worker count); data_wait_ms_per_step near 0 =
+#    the loader keeps up
 # 5. if time is left: TC-JEPA with the lighter conditioner (--cond_mlp_ratio 1)
 # bench.txt gets every section's result line and exit code; <section>.log the whole output.
 set -u
@@ -51,11 +52,9 @@ for tc in none cross; do
   left "vitb_$tc" && section "vitb_$tc" $VITB --text_cond $tc --bench 30 --bench_warmup 10 --bench_one_batch true
 done
 
-if left "coco"; then
-  W=$(( $(nproc) - 2 ))
+if left "coco"; then  # the default --num_workers for COCO: -1, auto (nproc - 1 here; the bench line says)
   $PY notes/perf.py --coco-fixture /tmp/coco_fix 400 \
-    && section coco $VITB --dataset coco --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10 \
-       --num_workers $W
+    && section coco $VITB --dataset coco --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10
 fi
 
 left "vitb_mlp1" && section vitb_mlp1 $VITB --text_cond cross --cond_mlp_ratio 1 --bench 30 --bench_warmup 10 \
