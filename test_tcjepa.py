@@ -720,14 +720,15 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     assert all(0 <= r["data_wait_ms"] < r["ms_per_step"] for r in full.values())
     evals = [json.loads(line) for line in open(f"{a}/log.jsonl") if "val_true" in line]
     assert {"val_true", "val_shuffled", "val_none", "dense_shape", "img_count_acc"} <= set(evals[0])
-    # the same run, stopped by SIGTERM part-way, then resumed: the same losses step for step
-    args = [*TINY, "--max_steps", "12", "--out_dir", b, "--eval_every", "6"]
+    # the same run with a DataLoader worker, stopped by SIGTERM to its whole process group (as torchrun and
+    # SLURM send it) part-way, then resumed: the same losses step for step (data do not depend on workers)
+    args = [*TINY, "--max_steps", "12", "--out_dir", b, "--eval_every", "6", "--num_workers", "1"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)))
+                            text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
     deadline = time.time() + 120
     while not (os.path.exists(f"{b}/log.jsonl") and len(train_log(b)) >= 3) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "SIGTERM: saved" in text, text[-2000:]
     stopped = max(train_log(b))
@@ -798,11 +799,16 @@ def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
 
 
 def test_train_on_coco_fixture(coco_dir, tmp_path):
+    (coco_dir / "val2017" / f"{101:012d}.jpg").write_bytes(b"not a jpeg")  # an unreadable val image is skipped
+    _dump(coco_dir / "annotations" / "captions_val2017.json", [100, 101], [(100, "a red square"), (101, "broken")])
     out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
-                    "--batch_size", "2", "--max_steps", "3", "--out_dir", str(tmp_path / "c"))
+                    "--batch_size", "2", "--max_steps", "3", "--log_every", "3", "--eval_every", "2",
+                    "--out_dir", str(tmp_path / "c"))
     assert "coco train: 5 images" in out.stdout and os.path.exists(tmp_path / "c" / "tokenizer.json")
+    evals = [json.loads(line)["step"] for line in open(tmp_path / "c" / "log.jsonl") if "val_true" in line]
+    assert evals == [2, 3]  # every eval_every steps, even when that is not a log step, and at the end
     assert f"{train.auto_workers()} loader workers" in out.stdout  # COCO's default: workers from the cores
-    assert sorted(train_log(tmp_path / "c")) == [1, 2, 3]
+    assert sorted(train_log(tmp_path / "c")) == [2, 3]
 
 
 def test_train_two_processes_with_torchrun(tmp_path):
@@ -812,6 +818,24 @@ def test_train_two_processes_with_torchrun(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "2 x cpu" in out.stdout and sorted(train_log(tmp_path / "ddp")) == [1, 2, 3]
+
+
+def test_torchrun_sigterm_saves_with_loader_workers(tmp_path):
+    # torchrun forwards a SIGTERM to each rank's process group, DataLoader workers included; the ranks
+    # agree to stop within 10 steps (here between log steps) and rank 0 saves before torchrun's 30 s are up
+    d = str(tmp_path / "stop")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--max_steps", "2000", "--log_every", "7", "--num_workers", "1", "--out_dir", d]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    deadline = time.time() + 240
+    while not (os.path.exists(f"{d}/log.jsonl") and len(train_log(d)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert "SIGTERM: saved" in text and "killed by signal" not in text, text[-3000:]
+    step = torch.load(f"{d}/ckpt.pt", weights_only=False)["step"] + 1
+    assert 7 <= step < 2000 and (step % 10 == 0 or step % 7 == 0), step
 
 
 def test_train_compile_on_cpu(tmp_path):

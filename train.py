@@ -182,6 +182,14 @@ def auto_workers():
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT / SIGTERM: torchrun, SLURM and `kill -- -PGID` signal the
+    whole process group, and a worker killed first would crash the trainer before it saves.
+    (A worker still exits when the trainer does.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer_path):
     """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file)."""
     state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
@@ -336,6 +344,7 @@ def main(argv=None):
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        cpu_group = dist.new_group(backend="gloo")  # for the stop flag, a CPU tensor
     else:
         rank, local_rank, world = 0, 0, 1
     master = rank == 0
@@ -407,13 +416,13 @@ def main(argv=None):
     sampler = StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rank, world, start_step, tcfg.grad_accum)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=tcfg.num_workers, pin_memory=use_cuda,
-                                         persistent_workers=tcfg.num_workers > 0)
+                                         persistent_workers=tcfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
     val_batches = []
     n_val = min(tcfg.val_size, len(val_set))
     for i in range(0, n_val, tcfg.batch_size):
         keys = [(j, 1000 + j) for j in range(i, min(n_val, i + tcfg.batch_size))]
         b = collate([val_set[k] for k in keys])
-        b["ctx"], b["tgt"] = sample_masks(len(keys), mcfg, seeded(tcfg.seed, 10**9, i))
+        b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, seeded(tcfg.seed, 10**9, i))  # unreadable ones dropped
         val_batches.append(b)
 
     # ---- training loop
@@ -503,15 +512,18 @@ def main(argv=None):
         if bar:
             bar.update(1)
         last = step == tcfg.max_steps - 1
-        if not ((step + 1) % tcfg.log_every == 0 or (step + 1) % tcfg.save_every == 0 or last
-                or (stop["signal"] and not ddp)):
+        check = last or any((step + 1) % k == 0 for k in (tcfg.log_every, tcfg.eval_every, tcfg.save_every))
+        stopping = stop["signal"] is not None and not ddp
+        if ddp and (check or (step + 1) % 10 == 0):  # ranks stop together; torchrun kills 30 s after its signal
+            flag = torch.tensor(float(stop["signal"] is not None))  # on the CPU: no GPU sync
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)  # a signal on any rank stops all
+            stopping = bool(flag)
+        if not (check or stopping):
             continue
-        # ---- a check point: the ranks agree on NaN and on stopping, then log, evaluate, save
-        stopping = torch.tensor(float(stop["signal"] is not None), device=device)
+        # ---- a check point: the ranks agree on NaN, then log, evaluate, save
         if ddp:
             dist.all_reduce(running, op=dist.ReduceOp.AVG)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # a signal on any rank stops all of them
         if first_bad.item() < never:  # weights after a NaN are not saved
             print0(f"\nloss is not finite at step {first_bad.item()}: stopping without saving. "
                    f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
@@ -535,12 +547,12 @@ def main(argv=None):
         t_pause = time.time()
         if (step + 1) % tcfg.eval_every == 0 or last:
             evaluate(step + 1)
-        if (step + 1) % tcfg.save_every == 0 or last or stopping.item():
+        if (step + 1) % tcfg.save_every == 0 or last or stopping:
             if master:
                 save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tok_path)
             last_good = f"{ckpt_path} (step {step + 1})"
         t_excl += time.time() - t_pause
-        if stopping.item():
+        if stopping:
             print0(f"\n{stop['signal'] or 'signal on another rank'}: saved {ckpt_path} at step {step + 1}; "
                    f"continue with --resume {ckpt_path}")
             status = "stopped"
