@@ -870,6 +870,28 @@ def test_presets_fill_only_what_is_not_given():
     assert (t.lr, t.ema_start, m.width, m.sparse_coef, m.consist_coef) == (1e-3, 0.996, 768, 0.1, 0.5)
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--shuffle_captions", "ture"], "expected true or false"),  # a typo must not train the uncontrolled model
+    (["--device", "gpu"], "invalid choice: 'gpu'"),
+    (["--compile", "yes"], "invalid choice: 'yes'"),
+    (["--text_cond", "foo"], "invalid choice: 'foo'"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--grad_accum", "0"], "--grad_accum must be at least 1"),
+    (["--heads", "3"], "--width 128 must be a multiple of --heads (3)"),
+    (["--pred_width", "30", "--heads", "2"], "--pred_width 30 must be a multiple of --heads (2) and of 4"),
+    (["--img_size", "60"], "--img_size 60 must be a multiple of --patch_size 8"),
+    (["--cond_layers", "9"], "--cond_layers must be -1 (all) or 1..3"),
+    pytest.param(["--device", "cuda"], "torch sees no GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="only without a GPU")),
+])
+def test_bad_flag_values_stop_with_one_line(flags, needle):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    msg = str(e.value.code)
+    assert needle in msg and "\n" not in msg, msg
+    assert train.parse_args(["--shuffle_captions", "false"])[0].shuffle_captions is False
+
+
 def test_auto_workers_share_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -82,10 +82,34 @@ LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_
 # command line: generated from the two config dataclasses
 
 
-def _flag_type(default):
-    if isinstance(default, bool):
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    return type(default)
+# flags that take one of a few words; a typo must stop the run, not quietly select a default
+CHOICES = dict(dataset=("shapes", "coco"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
+               text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"))
+
+
+def _boolean(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def config_error(t, m):
+    """The first flag value that would fail deep inside torch (or train silently wrong), or None."""
+    for k in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every", "val_size"):
+        if getattr(t, k) < 1:
+            return f"--{k} must be at least 1, got {getattr(t, k)}"
+    for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos axis
+        if getattr(m, k) % m.heads or getattr(m, k) % 4:
+            return f"--{k} {getattr(m, k)} must be a multiple of --heads ({m.heads}) and of 4"
+    if m.img_size % m.patch_size:
+        return f"--img_size {m.img_size} must be a multiple of --patch_size {m.patch_size}"
+    if not (m.cond_layers == -1 or 1 <= m.cond_layers <= m.pred_depth):
+        return f"--cond_layers must be -1 (all) or 1..{m.pred_depth} (--pred_depth), got {m.cond_layers}"
+    if t.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no GPU here: use --device cpu (or auto)"
+    return None
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -105,7 +129,9 @@ def parse_args(argv=None):
             if isinstance(default, tuple):  # ranges such as target_scale: two numbers
                 group.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"default {default}")
             else:
-                group.add_argument(f"--{f.name}", type=_flag_type(default), default=None, help=f"default {default!r}")
+                kind = _boolean if isinstance(default, bool) else type(default)
+                group.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), default=None,
+                                   help=f"default {default!r}")
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -118,8 +144,9 @@ def parse_args(argv=None):
     mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig(sparse_coef=0.0, consist_coef=0.0)
     mcfg = dataclasses.replace(mcfg, **{k: (tuple(v) if isinstance(v, list) else v)
                                         for k, v in given.items() if k not in tfields and k != "preset"})
-    if tcfg.dataset not in ("shapes", "coco"):
-        p.error(f"--dataset must be 'shapes' or 'coco', got {tcfg.dataset!r}")
+    problem = config_error(tcfg, mcfg)
+    if problem:
+        p.error(problem)
     return tcfg, mcfg
 
 
@@ -406,7 +433,8 @@ def main(argv=None):
     if tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda):
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+        # buffers are constant position embeddings: no broadcast before every forward
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
     n_params = sum(p.numel() for p in decay + no_decay)
     print0(f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | "
            f"model {n_params / 1e6:.2f}M trainable params | text_cond={mcfg.text_cond} | {world} x {device.type} | "
