@@ -309,6 +309,8 @@ class CocoCaptions(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as im:
+                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: convert("RGB") would clip at 255
+                    im = im.convert("I").point(lambda v: v / 256).convert("L")
                 img = im.convert("RGB")  # handles grayscale, CMYK, RGBA, palette
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             self.n_unreadable += 1
@@ -338,13 +340,19 @@ def _read_coco_json(ann):
                         f"column {e.colno}). {redo}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"COCO annotations unreadable: {ann}: {e}. {redo}") from None
-    def has(entries, keys):  # a list of dicts that all carry these keys
-        return isinstance(entries, list) and all(isinstance(x, dict) and keys <= x.keys() for x in entries)
+    def has(entries, **types):  # a list of dicts whose values have these types
+        return isinstance(entries, list) and all(
+            isinstance(x, dict) and all(type(x.get(k)) is t for k, t in types.items()) for x in entries)
 
-    if not (isinstance(data, dict) and has(data.get("images"), {"id", "file_name"})
-            and has(data.get("annotations"), {"image_id", "caption"})):
-        raise DataError(f"COCO annotations unexpected: {ann} lacks 'images' [{{id, file_name}}] or "
-                        f"'annotations' [{{image_id, caption}}]; is it a captions file? {redo}")
+    if not (isinstance(data, dict) and has(data.get("images"), id=int, file_name=str)
+            and has(data.get("annotations"), image_id=int, caption=str)):
+        raise DataError(f"COCO annotations unexpected: {ann} lacks 'images' [{{id: int, file_name: str}}] or "
+                        f"'annotations' [{{image_id: int, caption: str}}]; is it a captions file? {redo}")
+    ids = Counter(im["id"] for im in data["images"])
+    twice = [i for i, n in ids.items() if n > 1]
+    if twice:  # captions are joined to images by id: a repeated id would give two images the same captions
+        raise DataError(f"COCO annotations unexpected: {ann} lists image id {twice[0]} more than once "
+                        f"({len(twice)} repeated ids). {redo}")
     return data["images"], data["annotations"]
 
 
@@ -393,13 +401,31 @@ def train_tokenizer(captions, vocab_size, path):
 
 def load_tokenizer(path):
     if not Path(path).is_file():
-        raise DataError(f"tokenizer not found: {path} is missing. Train one with train_tokenizer (train.py "
-                        f"does it on first run) or point to an existing tokenizer json")
+        raise DataError(f"tokenizer not found: {path} is missing. Point --tokenizer to an existing tokenizer "
+                        f"json, or give none: a fresh run trains one")
     try:
-        return Tokenizer.from_file(str(path))
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer unreadable: {path}: {e}") from None
+    return tokenizer_from_str(text, str(path))
+
+
+def tokenizer_from_str(text, source):
+    """A tokenizer from its json text, checked: Collate pads and truncates itself (padding done here
+    would count as words), and every id must be below the vocabulary size (the embedding's rows)."""
+    try:
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises plain Exception
         reason = (str(e).splitlines() or ["?"])[0]
-        raise DataError(f"tokenizer unreadable: {path}: {reason}. Delete it to train a new one") from None
+        raise DataError(f"tokenizer unreadable: {source}: {reason}. Give another --tokenizer, or none to "
+                        f"train one") from None
+    tok.no_padding()
+    tok.no_truncation()
+    top = max(tok.get_vocab().values(), default=0)
+    if top >= tok.get_vocab_size():
+        raise DataError(f"tokenizer {source} has ids up to {top} but only {tok.get_vocab_size()} entries: "
+                        f"ids must run 0..size-1; give another --tokenizer, or none to train one")
+    return tok
 
 
 # -----------------------------------------------------------------------------

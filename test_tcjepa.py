@@ -3,6 +3,7 @@ checks a property (masks disjoint, EMA moves toward the weights, target gets no 
 
 import json
 import math
+import shutil
 import time
 from collections import Counter
 
@@ -568,6 +569,15 @@ def test_coco_items_modes_crops_and_corrupt(coco_dir, capsys):
     assert len(err) == 1 and err[0].startswith(f"skipping unreadable image {ds.files[4]}: ")
 
 
+def test_coco_16_bit_image_keeps_its_range(coco_dir):
+    ramp = Image.new("I;16", (64, 48))
+    ramp.putdata([(x % 64) * 1000 for x in range(64 * 48)])  # 0 .. 63000 of 65535
+    ramp.save(coco_dir / "train2017" / f"{1:012d}.jpg", format="PNG")  # replaces image 1
+    img = CocoCaptions(coco_dir, "train", img_size=32)[(0, 1)]["image"]
+    pixels = img * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # back to [0, 1]
+    assert pixels.min() < 0.2 and 0.5 < pixels.max() < 0.99  # a ramp, not the all-white clip of convert("RGB")
+
+
 def _error(fn):
     with pytest.raises(DataError) as e:
         fn()
@@ -589,6 +599,15 @@ def test_coco_errors_name_the_path(coco_dir, tmp_path):
     assert str(ann) in _error(lambda: CocoCaptions(coco_dir))
     ann.write_text(text.replace('"caption"', '"text"'))
     assert str(ann) in _error(lambda: CocoCaptions(coco_dir))
+    for wrong in ('"caption": null', '"image_id": [1]', '"id": "1"'):  # right keys, wrong value types
+        field, value = wrong.split(": ")
+        data = json.loads(text)
+        entry = data["annotations" if field != '"id"' else "images"][0]
+        entry[field.strip('"')] = json.loads(value)
+        ann.write_text(json.dumps(data))
+        assert str(ann) in _error(lambda: CocoCaptions(coco_dir)), wrong
+    _dump(ann, [1, 2, 1], [(1, "a dog"), (2, "a cat")])  # one id, two images: they would share captions
+    assert "image id 1 more than once" in _error(lambda: CocoCaptions(coco_dir))
     _dump(ann, [7], [(7, "gone")])  # nothing usable
     assert "no usable COCO images" in _error(lambda: CocoCaptions(coco_dir))
     ann.unlink()
@@ -624,6 +643,14 @@ def test_tokenizer_roundtrip(tok_path, tmp_path):
     assert str(tmp_path / "none.json") in _error(lambda: load_tokenizer(tmp_path / "none.json"))
     (tmp_path / "bad.json").write_text("not a tokenizer")
     assert str(tmp_path / "bad.json") in _error(lambda: load_tokenizer(tmp_path / "bad.json"))
+    # a tokenizer saved with padding on: Collate pads itself, so padding here would count as words
+    tok.enable_padding(length=12)
+    tok.save(str(tmp_path / "padded.json"))
+    assert tok.encode("a red circle", add_special_tokens=False).ids.count(0) == 9  # (the file pads to 12)
+    enc = load_tokenizer(tmp_path / "padded.json").encode("a red circle", add_special_tokens=False)
+    assert len(enc.ids) == 3 and 0 not in enc.ids
+    (tmp_path / "gap.json").write_text(tok.to_str().replace('"[UNK]":1', '"[UNK]":5000'))
+    assert "ids up to 5000" in _error(lambda: load_tokenizer(tmp_path / "gap.json"))  # the embedding has no row 5000
 
 
 def test_collate_coco(coco_dir, tok_path, capsys):
@@ -732,6 +759,9 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "SIGTERM: saved" in text, text[-2000:]
     stopped = max(train_log(b))
+    other = tmp_path / "other.json"
+    train_tokenizer(["zebra giraffe", "a giraffe"], 128, other)
+    shutil.copy(other, f"{b}/tokenizer.json")  # the resumed run must keep the checkpoint's own tokenizer
     if stopped < 12:  # (a fast machine may finish before the signal lands)
         run_train(*args, "--resume", f"{b}/ckpt.pt")
         resumed = train_log(b)
@@ -740,6 +770,8 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
             assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
     out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--eval_only", "true")
     assert "val_true" in out.stdout and "dense_shape" in out.stdout
+    out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--tokenizer", str(other), check=False)
+    assert out.returncode != 0 and "is not the tokenizer" in out.stderr.strip().splitlines()[-1]
     out = run_train(*TINY, "--width", "48", "--out_dir", b, "--resume", f"{b}/ckpt.pt", check=False)
     assert out.returncode != 0 and "checkpoint's model differs in {'width': 32}" in out.stderr
 
@@ -801,14 +833,27 @@ def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
 def test_train_on_coco_fixture(coco_dir, tmp_path):
     (coco_dir / "val2017" / f"{101:012d}.jpg").write_bytes(b"not a jpeg")  # an unreadable val image is skipped
     _dump(coco_dir / "annotations" / "captions_val2017.json", [100, 101], [(100, "a red square"), (101, "broken")])
+    train_tokenizer(["a shapes run left this tokenizer here"], 64, tmp_path / "c" / "tokenizer.json")
     out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
                     "--batch_size", "2", "--max_steps", "3", "--log_every", "3", "--eval_every", "2",
                     "--out_dir", str(tmp_path / "c"))
+    assert load_tokenizer(tmp_path / "c" / "tokenizer.json").token_to_id("bus")  # retrained on COCO's captions
     assert "coco train: 5 images" in out.stdout and os.path.exists(tmp_path / "c" / "tokenizer.json")
     evals = [json.loads(line)["step"] for line in open(tmp_path / "c" / "log.jsonl") if "val_true" in line]
     assert evals == [2, 3]  # every eval_every steps, even when that is not a log step, and at the end
     assert f"{train.auto_workers()} loader workers" in out.stdout  # COCO's default: workers from the cores
     assert sorted(train_log(tmp_path / "c")) == [2, 3]
+
+
+def test_train_coco_loader_error_is_one_line_and_exits(coco_dir, tmp_path):
+    # batch 1: the corrupt image (id 5) alone fills a batch; the error comes from a DataLoader worker, and
+    # the process must end with one line, not a worker traceback, and not hang on its workers
+    out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+                    "--batch_size", "1", "--max_steps", "6", "--num_workers", "1", "--out_dir", str(tmp_path / "e"),
+                    check=False, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and last.startswith("error: every image in this batch was unreadable"), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_train_two_processes_with_torchrun(tmp_path):

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ class TrainConfig:
     dataset: str = "shapes"  # "shapes" (built-in, no download) or "coco" (COCO 2017 captions)
     data_dir: str = "data/coco"  # COCO root with train2017/, val2017/, annotations/
     shapes_size: int = 20000  # number of training images of the built-in dataset
-    tokenizer: str = ""  # an existing tokenizer.json; default: train one into out_dir at first run
+    tokenizer: str = ""  # an existing tokenizer.json; default: a fresh run trains one into out_dir
     num_workers: int = 0  # DataLoader workers per process; -1 = auto (this process's share of the CPU cores)
     # run
     out_dir: str = "out"  # checkpoint, log.jsonl and tokenizer go here
@@ -97,7 +98,8 @@ def _boolean(s):
 
 def config_error(t, m):
     """The first flag value that would fail deep inside torch (or train silently wrong), or None."""
-    for k in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every", "val_size"):
+    for k in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every", "val_size",
+              "probe_train"):
         if getattr(t, k) < 1:
             return f"--{k} must be at least 1, got {getattr(t, k)}"
     for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos axis
@@ -217,10 +219,11 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer_path):
-    """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file)."""
+def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer):
+    """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file).
+    The tokenizer travels inside (its json), so a resumed run cannot pick up another one."""
     state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
-                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer=tokenizer_path,
+                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer_json=tokenizer.to_str(),
                  rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -397,12 +400,21 @@ def main(argv=None):
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
     elif tcfg.resume and tcfg.resume != "auto":
         raise data.DataError(f"--resume {tcfg.resume}: no such checkpoint")
-    tok_path = tcfg.tokenizer or (ckpt["tokenizer"] if ckpt else os.path.join(tcfg.out_dir, "tokenizer.json"))
-    if master and not tcfg.tokenizer and not os.path.exists(tok_path):  # train once, on the training captions
-        data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
-    if ddp:
-        dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
-    tokenizer = data.load_tokenizer(tok_path)
+    # the tokenizer: a resumed run takes the checkpoint's own; a fresh run trains one on its training
+    # captions (never reusing a tokenizer.json that another run left in out_dir), unless --tokenizer
+    if ckpt is not None:
+        tokenizer = (data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
+                     if "tokenizer_json" in ckpt else data.load_tokenizer(ckpt["tokenizer"]))  # (older checkpoints)
+        if tcfg.tokenizer and data.load_tokenizer(tcfg.tokenizer).get_vocab() != tokenizer.get_vocab():
+            raise data.DataError(f"--tokenizer {tcfg.tokenizer} is not the tokenizer {resume} was trained with: "
+                                 f"drop --tokenizer (the checkpoint carries its own)")
+    else:
+        tok_path = tcfg.tokenizer or os.path.join(tcfg.out_dir, "tokenizer.json")
+        if master and not tcfg.tokenizer:
+            data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
+        if ddp:
+            dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
+        tokenizer = data.load_tokenizer(tok_path)
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
     collate = data.Collate(tokenizer, mcfg.n_captions, mcfg.max_words)
@@ -577,7 +589,7 @@ def main(argv=None):
             evaluate(step + 1)
         if (step + 1) % tcfg.save_every == 0 or last or stopping:
             if master:
-                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tok_path)
+                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tokenizer)
             last_good = f"{ckpt_path} (step {step + 1})"
         t_excl += time.time() - t_pause
         if stopping:
@@ -606,7 +618,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    code = 0
     try:
         main()
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    except data.DataError as e:  # from a DataLoader worker it comes wrapped in its traceback: keep the last line
+        code = "error: " + str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
+        e.__traceback__ = None
+    except Exception as e:
+        traceback.print_exc()
+        code, e.__traceback__ = 1, None
+    # Dropping the traceback frees main()'s frames, and with them the DataLoader, which shuts its workers
+    # down cleanly now. Left to the garbage collector at exit, the workers (which ignore SIGTERM, see
+    # ignore_stop_signals) would never be stopped and the process would hang after an error.
+    sys.exit(code)
