@@ -378,7 +378,7 @@ def _crop_params(width, height, rng, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
 # tokenizer
 
 
-def train_tokenizer(captions, vocab_size, path):
+def train_tokenizer(captions, vocab_size, path=None):
     """Lowercased word-level tokenizer: one token per word, the vocab_size - 2 most frequent words
     of the captions (ties broken alphabetically, so ids are the same on every run; the `tokenizers`
     trainers number tokens in hash-map order). [PAD] is id 0, [UNK] id 1 for all other words.
@@ -394,8 +394,9 @@ def train_tokenizer(captions, vocab_size, path):
     words = sorted(counts, key=lambda w: (-counts[w], w))[: max(0, vocab_size - 2)]
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok.model = models.WordLevel(vocab=vocab, unk_token="[UNK]")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    if path is not None:  # (None: in memory only)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(path))
     return tok
 
 

@@ -776,6 +776,21 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     assert out.returncode != 0 and "checkpoint's model differs in {'width': 32}" in out.stderr
 
 
+def test_resume_a_checkpoint_from_before_tokenizers_were_inside(tmp_path):
+    # checkpoints before 2026-11-29 named their tokenizer file by the path at save time; a moved
+    # folder must still resume, with the tokenizer.json beside the checkpoint (or --tokenizer)
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    run_train(*TINY, "--max_steps", "2", "--out_dir", str(old))
+    ckpt = torch.load(old / "ckpt.pt", weights_only=False)
+    ckpt["tokenizer"] = str(old / "tokenizer.json")
+    del ckpt["tokenizer_json"]
+    torch.save(ckpt, old / "ckpt.pt")
+    shutil.move(old, moved)
+    for extra in ([], ["--tokenizer", str(moved / "tokenizer.json")]):
+        out = run_train(*TINY, "--out_dir", str(moved), "--resume", str(moved / "ckpt.pt"), "--eval_only", "true", *extra)
+        assert "resumed from" in out.stdout and "val_true" in out.stdout
+
+
 def test_train_errors_are_one_line(tmp_path):
     cases = [
         (["--dataset", "coco", "--data_dir", str(tmp_path / "nowhere")], "nowhere"),
@@ -828,6 +843,7 @@ def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
     one = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--bench_one_batch", "true",
                       "--out_dir", str(tmp_path / "one")])
     assert one["data_wait_ms_per_step"] < 5 and one["ms_per_step"] < rec["ms_per_step"] - 40
+    assert not os.listdir(tmp_path / "b")  # a benchmark leaves out_dir as it was (its tokenizer stays in memory)
 
 
 def test_train_on_coco_fixture(coco_dir, tmp_path):

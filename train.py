@@ -402,15 +402,22 @@ def main(argv=None):
         raise data.DataError(f"--resume {tcfg.resume}: no such checkpoint")
     # the tokenizer: a resumed run takes the checkpoint's own; a fresh run trains one on its training
     # captions (never reusing a tokenizer.json that another run left in out_dir), unless --tokenizer
-    if ckpt is not None:
-        tokenizer = (data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
-                     if "tokenizer_json" in ckpt else data.load_tokenizer(ckpt["tokenizer"]))  # (older checkpoints)
+    if ckpt is not None and "tokenizer_json" in ckpt:
+        tokenizer = data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
         if tcfg.tokenizer and data.load_tokenizer(tcfg.tokenizer).get_vocab() != tokenizer.get_vocab():
             raise data.DataError(f"--tokenizer {tcfg.tokenizer} is not the tokenizer {resume} was trained with: "
                                  f"drop --tokenizer (the checkpoint carries its own)")
+    elif ckpt is not None:  # checkpoints before 2026-11-29 name a file: --tokenizer, that file, or the one beside
+        named = ckpt["tokenizer"]
+        named = named if os.path.exists(named) else os.path.join(os.path.dirname(resume), "tokenizer.json")
+        tokenizer = data.load_tokenizer(tcfg.tokenizer or named)
+    elif tcfg.tokenizer:
+        tokenizer = data.load_tokenizer(tcfg.tokenizer)
+    elif tcfg.bench:  # a benchmark leaves out_dir as it was: its tokenizer stays in memory
+        tokenizer = data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size)
     else:
-        tok_path = tcfg.tokenizer or os.path.join(tcfg.out_dir, "tokenizer.json")
-        if master and not tcfg.tokenizer:
+        tok_path = os.path.join(tcfg.out_dir, "tokenizer.json")
+        if master:
             data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
         if ddp:
             dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
