@@ -451,8 +451,8 @@ def main(argv=None):
     raw_model = model  # uncompiled: checkpoints and the EMA update use it (no "_orig_mod." keys)
     if tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda):
         model = torch.compile(model)
-    if ddp:
-        # buffers are constant position embeddings: no broadcast before every forward
+    if ddp:  # DDP around the compiled model, as torch's docs advise (dynamo then splits the graph at
+        # DDP's buckets so the all-reduce overlaps the backward); buffers are constant: no broadcast
         model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
     n_params = sum(p.numel() for p in decay + no_decay)
     print0(f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | "
