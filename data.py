@@ -72,6 +72,9 @@ COLOR_RGB = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 205, 40),  # sam
              (140, 60, 200), (240, 130, 30), (40, 200, 210), (240, 110, 190)]
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 BIG, SMALL = 0.45, 0.28  # object radius as a fraction of a grid cell (big nearly fills its cell)
+PAIR_RADIUS = 0.40  # layout "pairs": both objects' radius, as a fraction of a cell of the 2x2 grid
+LAYOUTS = ("grid3", "pairs")  # 1-4 objects of two sizes on a 3x3 grid; exactly 2 shapes, one colour, 2x2
+CAPTION_MODES = ("mixed", "complement", "substitute")  # see _captions, _pair_captions
 
 # -----------------------------------------------------------------------------
 # shapes: captions. Several templates and synonyms so that no single word identifies a caption
@@ -108,6 +111,25 @@ def _all_caption(objs, rng):
     return rng.choice(_ALL).format(l=lst)
 
 
+def _pair_captions(objs, mode, rng, n=5):
+    """Layout "pairs" (notes/experiments.md §7). complement: every caption names both shapes, in
+    random order, with no position, colour or size word ("a star and a circle"): useful only with
+    what the context shows. substitute: each caption names one object with its position ("a star at
+    the top left"); every object gets one, the spare slots name a random one."""
+    if mode == "complement":
+        caps = []
+        for _ in range(n):
+            a, b = rng.sample([SHAPES[o[1]] for o in objs], 2)
+            caps.append(rng.choice(_ALL).format(l=f"a {a} and a {b}"))
+        return caps
+    def one(obj):
+        pos = rng.choice(("{r} {c}", "{r} {c} corner")).format(r=ROWS[0 if obj[0] < 2 else 2], c=COLS[0 if obj[0] % 2 == 0 else 2])
+        return rng.choice(_ONE).format(o=SHAPES[obj[1]], p=pos)
+    caps = [one(o) for o in objs] + [one(rng.choice(objs)) for _ in range(n - len(objs))]
+    rng.shuffle(caps)
+    return caps
+
+
 def _captions(objs, rng, n=5):
     """Every object gets one caption; the spare slots name one object or all of them."""
     caps = [_one_caption(o, rng) for o in objs]
@@ -127,18 +149,24 @@ def _captions(objs, rng, n=5):
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Captioned scenes of 1-4 shapes, one per cell of a 3x3 grid, on a smooth textured background.
+    layout="pairs": exactly 2 different shapes in one shared colour, one per cell of a 2x2 grid, with
+    captions="complement" or "substitute" (the same images for both: captions are drawn last).
 
     Fixed per (seed, split, index): sample_seed in a key is only passed through. Objects are large
     (a big one nearly fills its cell) so that an I-JEPA target block can hide most of one and its
-    caption is then worth reading (PAPER.md sec. 3). The background is a faint random wave pattern:
+    caption is then worth reading (notes/experiments.md §5). The background is a faint random wave pattern:
     not flat, so it is not trivially predictable, but of low contrast so it does not dominate a
     feature-prediction loss.
     """
 
-    def __init__(self, split="train", size=None, img_size=64, seed=0):
+    def __init__(self, split="train", size=None, img_size=64, seed=0, layout="grid3", captions="mixed"):
         if split not in ("train", "val"):
             raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
-        self.split, self.img_size, self.seed = split, img_size, seed
+        if layout not in LAYOUTS or captions not in CAPTION_MODES or (layout == "pairs") != (captions != "mixed"):
+            raise DataError(f"shapes layout {layout!r} with captions {captions!r}: use grid3 with mixed, "
+                            f"or pairs with complement or substitute")
+        self.split, self.img_size, self.seed, self.layout, self.caption_mode = split, img_size, seed, layout, captions
+        self.cells = 3 if layout == "grid3" else 2  # grid side
         self.size = size if size is not None else (20000 if split == "train" else 1000)
 
     def __len__(self):
@@ -149,21 +177,29 @@ class ShapesDataset(torch.utils.data.Dataset):
         color, waves, captions."""
         # a string seed is hashed with sha512 by random.Random: stable across runs and Python versions,
         # and the split in it gives val its own stream (disjoint from train)
-        rng = random.Random(f"shapes/{self.seed}/{self.split}/{index}")
-        n = rng.randint(1, 4)
-        objs = [(cell, rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)), rng.random() < 0.5,
-                 rng.uniform(-1, 1), rng.uniform(-1, 1)) for cell in rng.sample(range(9), n)]
+        if self.layout == "pairs":
+            rng = random.Random(f"shapes-pairs/{self.seed}/{self.split}/{index}")
+            shapes, color = rng.sample(range(len(SHAPES)), 2), rng.randrange(len(COLORS))
+            objs = [(cell, s, color, True, rng.uniform(-1, 1), rng.uniform(-1, 1))
+                    for cell, s in zip(rng.sample(range(4), 2), shapes)]
+        else:
+            rng = random.Random(f"shapes/{self.seed}/{self.split}/{index}")
+            n = rng.randint(1, 4)
+            objs = [(cell, rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)), rng.random() < 0.5,
+                     rng.uniform(-1, 1), rng.uniform(-1, 1)) for cell in rng.sample(range(9), n)]
         base = rng.uniform(0.3, 0.6)  # dull grey with a slight tint, far from the saturated objects
         bg = [base + rng.uniform(-0.06, 0.06) for _ in range(3)]
         waves = [(rng.uniform(0, math.pi), rng.uniform(0.5, 2.5), rng.uniform(0, 2 * math.pi),
                   *[rng.uniform(0.02, 0.05) for _ in range(3)]) for _ in range(2)]
-        return objs, bg, waves, _captions(objs, rng)
+        # captions come last: they never change the image
+        caps = _captions(objs, rng) if self.layout == "grid3" else _pair_captions(objs, self.caption_mode, rng)
+        return objs, bg, waves, caps
 
     def render(self, indices):
         """The vectorized core: draw scenes in Python, paint them all with batched tensor ops.
 
-        Returns dict(images (B,3,H,W) normalized, shape_map (B,H,W), color_map (B,H,W), attrs (B,A),
-        captions list[list[str]]).
+        Returns dict(images (B,3,H,W) normalized, shape_map (B,H,W), color_map (B,H,W), object_map
+        (B,H,W) (0 background, 1 + the object's slot), attrs (B,A), captions list[list[str]]).
         """
         scenes = [self._scene(int(i)) for i in indices]
         B = len(scenes)
@@ -190,17 +226,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         attrs[img, shape] = 1  # multi-hot shapes present
         attrs[img, ns + color] = 1  # multi-hot colors present
         attrs[torch.arange(B), ns + nc + torch.bincount(img, minlength=B) - 1] = 1  # one-hot count 1..4
-        return dict(images=images, shape_map=shape_map, color_map=color_map, attrs=attrs,
+        return dict(images=images, shape_map=shape_map, color_map=color_map, object_map=obj, attrs=attrs,
                     captions=[sc[3] for sc in scenes])
 
     def _object_ids(self, B, img, slot, cell, shape, big, jitter):
         """Objects (N,) -> (B, H, W) uint8 map: 0 background, 1 + slot of the object covering a pixel."""
-        S = self.img_size
-        cw = S / 3  # cell width in pixels: geometry scales with img_size
-        r = torch.where(big, BIG, SMALL) * cw  # (N,)
+        S, g = self.img_size, self.cells
+        cw = S / g  # cell width in pixels: geometry scales with img_size
+        r = (torch.where(big, BIG, SMALL) if g == 3 else torch.full_like(jitter[:, 0], PAIR_RADIUS)) * cw  # (N,)
         slack = 0.8 * (0.5 * cw - r)  # center jitter that keeps the object inside its cell
-        cx = (cell % 3 + 0.5) * cw + jitter[:, 0] * slack
-        cy = (cell // 3 + 0.5) * cw + jitter[:, 1] * slack
+        cx = (cell % g + 0.5) * cw + jitter[:, 0] * slack
+        cy = (cell // g + 0.5) * cw + jitter[:, 1] * slack
         p = torch.arange(S) + 0.5  # pixel centers
         u = ((p - cx[:, None]) / r[:, None])[:, None, :]  # (N, 1, W)
         v = ((p - cy[:, None]) / r[:, None])[:, :, None]  # (N, H, 1)

@@ -2,8 +2,9 @@
 TC-JEPA in one file: I-JEPA whose predictor is conditioned on image captions.
 
 Paper: "Text-Conditional JEPA for Learning Semantically Rich Visual Representations"
-(arXiv 2605.03245). Baseline: I-JEPA (Assran et al., arXiv 2301.08243). The method is restated
-in ../shared/PAPER.md; notes/paper.md maps every part of it to the code below.
+(arXiv 2605.03245). Baseline: I-JEPA (Assran et al., arXiv 2301.08243). notes/paper.md restates
+the method in numbered sections (cited below as §), maps every part of it to this code and lists
+every deviation.
 
 One training step, in words:
   1. sample_masks: per image, 1 context block and M target blocks on the patch grid (disjoint).
@@ -26,6 +27,7 @@ Imports only torch and the standard library, so it can be lifted into another pr
 
 import copy
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,7 @@ class TCJEPAConfig:
     target_aspect: tuple = (0.75, 1.5)  # h/w of a target block
     context_scale: tuple = (0.85, 1.0)  # fraction of patches in the context block (aspect 1)
     # a context with fewer patches is redrawn (up to 20 times, then the largest draw is kept);
-    # I-JEPA: 10 of 196, but 10 of 64 leaves the small grid almost blind (PAPER.md sec. 3)
+    # I-JEPA: 10 of 196, but 10 of 64 leaves the small grid almost blind (notes/paper.md §5)
     min_keep: int = 24
     # text
     text_cond: str = "cross"  # "cross" = TC-JEPA, "none" = plain I-JEPA (no text parameters)
@@ -65,7 +67,7 @@ class TCJEPAConfig:
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
     # conditioner MLP hidden = cond_mlp_ratio * P. The paper gives no width; with 4 (the blocks')
-    # a conditioner costs about a predictor block; 1 halves its FLOPs (CPU step 6-10% faster, perf.md)
+    # a conditioner costs about a predictor block; 1 halves its FLOPs (a faster step, notes/perf.md)
     cond_mlp_ratio: float = 4.0
     # loss
     pred_loss: str = "smooth_l1"  # "smooth_l1" (official I-JEPA code) or "l2" (I-JEPA paper)
@@ -108,7 +110,7 @@ def _block_union(top, left, h, w, grid):
     """Cells covered by any of M blocks of size h x w: (B, M) corners -> (B, grid*grid) bool.
     Cell (r, c) is covered iff some block covers row r AND column c, so the union is a sum over
     blocks of row x column indicator products: one batched matmul instead of a (B, M, N) boolean
-    cover reduced with any() (sampler 1.40 -> 1.22 ms at B 256 on 14x14, notes/perf.md)."""
+    cover reduced with any() (faster, notes/perf.md)."""
     r = torch.arange(grid, device=top.device)
     rows = ((r >= top[..., None]) & (r < top[..., None] + h)).float()  # (B, M, grid)
     cols = ((r >= left[..., None]) & (r < left[..., None] + w)).float()  # (B, M, grid)
@@ -116,7 +118,7 @@ def _block_union(top, left, h, w, grid):
 
 
 def sample_masks(batch_size, cfg, generator=None, device=None, max_tries=20):
-    """Multi-block masks as I-JEPA (PAPER.md sec. 1): returns patch indices
+    """Multi-block masks as I-JEPA (notes/paper.md §1.2): returns patch indices
     ctx (B, Nc) and tgt (B, M, Nt), targets never in the context.
 
     Like I-JEPA, block SIZES are drawn once per batch and POSITIONS per image, so the shapes are
@@ -151,7 +153,7 @@ def sample_masks(batch_size, cfg, generator=None, device=None, max_tries=20):
     tgt = (rr * G + cc).flatten(-2)  # (B, M, Nt)
     # context: a random subset of each image's context patches, the batch minimum in size, in
     # random order (encoder and predictor are permutation-equivariant over tokens and positions
-    # are gathered with the tokens, so the order is immaterial; a sort would add ~0.3 ms, ~20%)
+    # are gathered with the tokens, so the order is immaterial; a sort would cost a fifth of the sampler, notes/perf.md)
     keep = int(best_n.min())
     score = torch.rand(B, N, generator=g, device=device).masked_fill(~best_ctx, -1.0)
     ctx = score.topk(keep, dim=1, sorted=False).indices  # (B, Nc)
@@ -174,6 +176,10 @@ def sincos_2d(grid, dim):
 def gather_tokens(x, idx):
     """x (B, N, D), idx (B, K) -> (B, K, D): the tokens at the given patch indices."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.size(-1)))
+
+
+def LayerNorm(dim):
+    return nn.LayerNorm(dim, eps=1e-6)  # I-JEPA's eps (torch's default is 1e-5)
 
 
 class MLP(nn.Module):
@@ -203,8 +209,8 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), MLP(dim, int(dim * mlp_ratio))
+        self.norm1, self.attn = LayerNorm(dim), SelfAttention(dim, heads)
+        self.norm2, self.mlp = LayerNorm(dim), MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -220,7 +226,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.register_buffer("pos", sincos_2d(cfg.grid, cfg.width), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = LayerNorm(cfg.width)
 
     def forward(self, images, keep=None):
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
@@ -242,8 +248,8 @@ class TextEmbed(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.text_width, padding_idx=0)
-        self.pos = nn.Parameter(torch.randn(cfg.max_words, cfg.text_width) * 0.02)
-        self.norm = nn.LayerNorm(cfg.text_width)
+        self.pos = nn.Parameter(torch.zeros(cfg.max_words, cfg.text_width))  # drawn in TCJEPA.init_weights
+        self.norm = LayerNorm(cfg.text_width)
 
     def forward(self, tokens):
         return self.norm(self.tok(tokens) + self.pos[: tokens.size(-1)])
@@ -258,9 +264,9 @@ class TextConditioner(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         P = cfg.pred_width
-        self.norm_q = nn.LayerNorm(P)
+        self.norm_q = LayerNorm(P)
         self.q, self.k, self.v = nn.Linear(P, P), nn.Linear(cfg.text_width, P), nn.Linear(cfg.text_width, P)
-        self.norm2, self.mlp = nn.LayerNorm(P), MLP(P, int(P * cfg.cond_mlp_ratio))
+        self.norm2, self.mlp = LayerNorm(P), MLP(P, int(P * cfg.cond_mlp_ratio))
 
     def forward(self, x, words, word_mask):
         """x (B, Q, P) tokens of an image (all its M sequences side by side), words (B, C, S, T),
@@ -269,7 +275,7 @@ class TextConditioner(nn.Module):
         q = self.q(self.norm_q(x))  # (B, Q, P)
         k, v = self.k(words), self.v(words)  # (B, C, S, P)
         # captions lead, (B, C, Q, .): the values are then one batched matmul with no transposed
-        # copies (with `max` below: conditioner forward + backward 1.28x faster, notes/perf.md)
+        # copies (with `max` below: a faster conditioner, notes/perf.md)
         dots = torch.einsum("bqp,bcsp->bcqs", q, k)  # (B, C, Q, S)
         mask = word_mask[:, :, None]  # (B, C, 1, S)
         # a caption with no words attends uniformly (masked to 0 below), instead of NaN
@@ -318,12 +324,12 @@ class Predictor(nn.Module):
         super().__init__()
         P = cfg.pred_width
         self.embed = nn.Linear(cfg.width, P)
-        self.mask_token = nn.Parameter(torch.randn(P) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(P))  # drawn in TCJEPA.init_weights
         self.register_buffer("pos", sincos_2d(cfg.grid, P), persistent=False)
         self.blocks = nn.ModuleList(Block(P, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
         n_cond = 0 if cfg.text_cond == "none" else (cfg.pred_depth if cfg.cond_layers < 0 else cfg.cond_layers)
         self.conds = nn.ModuleList(TextConditioner(cfg) for _ in range(n_cond))
-        self.norm, self.proj = nn.LayerNorm(P), nn.Linear(P, cfg.width)
+        self.norm, self.proj = LayerNorm(P), nn.Linear(P, cfg.width)
 
     def forward(self, z, ctx, tgt, words=None, word_mask=None):
         """z (B, Nc, D) context features at ctx (B, Nc); tgt (B, M, Nt). Returns predictions
@@ -363,24 +369,43 @@ class TCJEPA(nn.Module):
         assert cfg.pred_loss in ("smooth_l1", "l2"), f"pred_loss must be 'smooth_l1' or 'l2', got {cfg.pred_loss!r}"
         assert cfg.cond_layers == -1 or 1 <= cfg.cond_layers <= cfg.pred_depth, "cond_layers: -1 or 1..pred_depth"
         self.cfg = cfg
+        # the one draw from torch's global generator, before any module is built: torch.manual_seed(s)
+        # before TCJEPA(cfg) fixes the init (the modules' own default init is overwritten below)
+        seed = int(torch.randint(0, 2**62, (1,)))
         self.encoder = ViT(cfg)  # context encoder f_theta, trained
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)  # EMA f_theta_bar, no grads
         self.text = TextEmbed(cfg) if cfg.text_cond == "cross" else None
         self.predictor = Predictor(cfg)
-        self.apply(self._init)
+        self.init_weights(seed)
         self.target.load_state_dict(self.encoder.state_dict())  # start as an exact copy
 
-    @staticmethod
-    def _init(m):  # I-JEPA: truncated normal std 0.02 for linear weights, zero biases
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    @torch.no_grad()
+    def init_weights(self, seed):
+        """I-JEPA's init as its training runs apply it: trunc-normal std 0.02 for linear / conv
+        weights, the mask token and the word positions, zero biases, N(0, 1) word embeddings. (Its
+        model classes also divide attn.proj and mlp.fc2 by sqrt(2 x layer id), but its training
+        entry point redraws every linear weight afterwards: notes/paper.md §5.3.) Each tensor is drawn from its own generator seeded by (seed, its name), so the encoder and
+        the predictor blocks start the same for one seed whatever text modules exist: I-JEPA and
+        TC-JEPA runs are paired (notes/paper.md §5)."""
+        def gen(name):
+            return torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02, generator=gen(name))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, generator=gen(name))
+                m.weight[m.padding_idx].zero_()
+        nn.init.trunc_normal_(self.predictor.mask_token, std=0.02, generator=gen("predictor.mask_token"))
+        if self.text is not None:
+            nn.init.trunc_normal_(self.text.pos, std=0.02, generator=gen("text.pos"))
 
     def forward(self, images, ctx, tgt, tokens=None, word_mask=None):
         """images (B, 3, H, W), ctx (B, Nc), tgt (B, M, Nt), tokens / word_mask (B, C, S).
         Returns a dict of scalar losses: loss (the total), loss_pred, loss_sparse, loss_consist,
-        plus two detached diagnostics of the text path (PAPER.md, dead zone): pos_frac, the share
+        plus two detached diagnostics of the text path (notes/paper.md §2.5, the dead zone): pos_frac, the share
         of positive patch-word cosines, and attn_entropy, the mean word-attention entropy."""
         B, M, Nt = tgt.shape
         with torch.no_grad():  # targets: last layer of the EMA encoder, layer-normed again (I-JEPA)
@@ -403,7 +428,7 @@ class TCJEPA(nn.Module):
             loss_sparse = loss_consist = pos_frac = attn_entropy = zero
         else:
             if self.cfg.sparse_coef == 0 and self.cfg.consist_coef == 0:
-                sims = sims.detach()  # unweighted losses are only logged: no backward (~6% of a step, perf.md)
+                sims = sims.detach()  # unweighted losses are only logged: no backward (notes/perf.md)
             loss_sparse, loss_consist = text_losses(sims.float(), word_mask)
             pos_frac = ((sims > 0).sum() / (word_mask.sum() * sims.size(0) * sims.size(2)).clamp(min=1)).detach()
         loss = loss_pred + self.cfg.sparse_coef * loss_sparse + self.cfg.consist_coef * loss_consist

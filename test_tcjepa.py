@@ -281,6 +281,39 @@ def test_ema_target_no_grad_and_no_text_params():
     assert out["loss"].item() == out["loss_pred"].item()
 
 
+@pytest.mark.parametrize("variant", [dict(text_cond="cross"), dict(text_pool="mean"), dict(cond_layers=1),
+                                     dict(cond_mlp_ratio=1.0), dict(n_captions=2, max_words=3)])
+def test_init_depends_on_the_seed_alone(variant):
+    """Paired comparisons: with one seed, I-JEPA and every TC-JEPA variant start from the same
+    encoder, target, mask token and predictor blocks; another seed gives other weights."""
+    def build(seed, **kw):
+        torch.manual_seed(seed)
+        return TCJEPA(tiny_cfg(**kw)).state_dict()
+
+    ij, tc, other = build(0, text_cond="none"), build(0, **variant), build(1, text_cond="none")
+    shared = [k for k in ij if k in tc]
+    assert len(shared) == len(ij) and any(k.startswith("predictor.blocks.") for k in shared)
+    assert all(torch.equal(ij[k], tc[k]) for k in shared)
+    drawn = [k for k in shared if k.endswith("weight") and ij[k].ndim >= 2 or k.endswith("mask_token")]
+    assert all(not torch.equal(ij[k], other[k]) for k in drawn)
+    assert all(torch.equal(ij[k], other[k]) for k in ij if k.endswith("bias") or "norm" in k)  # zeros and ones
+
+
+def test_init_is_ijepas():
+    """trunc-normal 0.02 everywhere, as I-JEPA's training applies it (no depth scaling: notes/paper.md §5.3)."""
+    torch.manual_seed(0)
+    m = TCJEPA(TCJEPAConfig(width=256, depth=3, pred_width=128))
+    for vit in (m.encoder, m.predictor):
+        for block in vit.blocks:
+            for w in (block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc1.weight, block.mlp.fc2.weight):
+                assert w.std().item() == pytest.approx(0.02, rel=0.05)
+            assert block.mlp.fc1.bias.abs().max() == 0 and block.norm1.eps == 1e-6
+    assert m.predictor.conds[1].q.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.predictor.mask_token.std().item() == pytest.approx(0.02, rel=0.3)
+    assert m.text.tok.weight[0].abs().max() == 0  # padding row
+    assert all(torch.equal(a, b) for a, b in zip(m.encoder.state_dict().values(), m.target.state_dict().values()))
+
+
 def test_loss_terms_and_total():
     cfg = tiny_cfg(sparse_coef=0.3, consist_coef=0.7)
     torch.manual_seed(0)
@@ -451,6 +484,56 @@ def test_shapes_captions_match_ground_truth(shapes300):
                 assert sorted(zip(colors, shapes)) == sorted((c, s) for s, c, _ in objs.values()), cap
         assert described == set(objs), "every object has a caption of its own"
     assert 0.05 < n_all / n_caps < 0.35
+
+
+def _pair_objects(shape_map, color_map):
+    """Layout pairs: {(row, col): (shape, color)} per occupied cell of the 2x2 grid, read from the maps."""
+    objs, h = {}, shape_map.size(0) // 2
+    for r in range(2):
+        for c in range(2):
+            sm, cm = shape_map[r * h:(r + 1) * h, c * h:(c + 1) * h], color_map[r * h:(r + 1) * h, c * h:(c + 1) * h]
+            if (sm > 0).any():
+                shapes, colors = sm[sm > 0].unique().tolist(), cm[cm > 0].unique().tolist()
+                assert len(shapes) == 1 and len(colors) == 1, "one object per cell"
+                objs[(r, c)] = (shapes[0] - 1, colors[0] - 1)
+    return objs
+
+
+def test_shapes_pairs_captions_match_ground_truth():
+    comp = ShapesDataset("val", size=200, layout="pairs", captions="complement").render(range(200))
+    sub = ShapesDataset("val", size=200, layout="pairs", captions="substitute").render(range(200))
+    assert torch.equal(comp["images"], sub["images"])  # the same images in both arms
+    for b in range(200):
+        objs = _pair_objects(comp["shape_map"][b], comp["color_map"][b])
+        assert len(objs) == 2 and len({s for s, _ in objs.values()}) == 2 and len({c for _, c in objs.values()}) == 1
+        names = sorted(SHAPES[s] for s, _ in objs.values())
+        orders = set()
+        for cap in comp["captions"][b]:  # both shapes, nothing else that tells
+            words = cap.split()
+            assert sorted(w for w in words if w in SHAPES) == names, cap
+            assert not (set(words) & (POS_WORDS | set(COLORS) | {"big", "large", "small", "little", "tiny"})), cap
+            orders.add(tuple(w for w in words if w in SHAPES))
+        described = set()
+        for cap in sub["captions"][b]:  # one object, at its true position
+            words = cap.replace(":", " ").split()
+            row, col = (0 if "top" in words else 1), (0 if "left" in words else 1)
+            assert [w for w in words if w in SHAPES] == [SHAPES[objs[(row, col)][0]]], cap
+            assert not (set(words) & set(COLORS)), cap
+            described.add((row, col))
+        assert described == set(objs), "every object has a caption of its own"
+    # object map: two objects, each one shape; about 9 object patches per image (majority labels)
+    om = patch_labels(comp["object_map"], 8)
+    assert set(comp["object_map"].unique().tolist()) == {0, 1, 2}
+    assert 8 < (om > 0).sum(1).float().mean() < 11
+
+
+def test_shapes_object_map_matches_shape_map(shapes300):
+    ds, out = shapes300
+    om, sm = out["object_map"].long(), out["shape_map"]
+    assert torch.equal(om > 0, sm > 0)
+    for b in range(20):  # each object id covers one shape
+        for k in om[b].unique().tolist()[1:]:
+            assert len(sm[b][om[b] == k].unique()) == 1
 
 
 def test_shapes_ground_truth_consistent(shapes300):
@@ -916,6 +999,26 @@ def test_probes_known_answers():
     labels = (torch.rand(500, 3, generator=g) > 0.5).float()
     assert train.average_precision(labels * 2 - 1, labels) == pytest.approx(1.0)
     assert abs(train.average_precision(torch.rand(500, 3, generator=g), labels) - 0.5) < 0.1
+
+
+def test_object_pooled_probe_matches_a_loop_and_knows_the_answer():
+    g = torch.Generator().manual_seed(0)
+    n, N, D = 300, 16, 12
+    obj = torch.randint(0, 4, (n, N), generator=g)  # patch labels: 0 background, objects 1-3
+    obj_shape = torch.randint(0, 7, (n, 4), generator=g)  # each object's shape
+    shape = torch.where(obj > 0, obj_shape.gather(1, obj) + 1, 0)
+    feats = torch.randn(n, N, D, generator=g)
+    X, y = train.object_pooled(feats, shape, obj)
+    rows = [(feats[b][obj[b] == k].mean(0), obj_shape[b, k]) for b in range(n) for k in range(1, 4) if (obj[b] == k).any()]
+    assert torch.allclose(X, torch.stack([r[0] for r in rows]), atol=1e-5)
+    assert torch.equal(y, torch.stack([r[1] for r in rows]))
+    # features that carry the shape of their object: the object probe is ~1; noise: chance (1/7)
+    code = torch.randn(7, D, generator=g)
+    informative = torch.where((obj > 0)[..., None], code[(shape - 1).clamp(min=0)], 0.0) + 0.5 * feats
+    Xi, yi = train.object_pooled(informative, shape, obj)
+    h = len(yi) // 2
+    assert train.class_probe(Xi[:h], yi[:h], Xi[h:], yi[h:], 7) > 0.95
+    assert abs(train.class_probe(X[:h], y[:h], X[h:], y[h:], 7) - 1 / 7) < 0.08
 
 
 def test_presets_fill_only_what_is_not_given():

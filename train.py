@@ -35,6 +35,8 @@ class TrainConfig:
     dataset: str = "shapes"  # "shapes" (built-in, no download) or "coco" (COCO 2017 captions)
     data_dir: str = "data/coco"  # COCO root with train2017/, val2017/, annotations/
     shapes_size: int = 20000  # number of training images of the built-in dataset
+    shapes_layout: str = "grid3"  # shapes: "grid3" (1-4 objects, 3x3 grid) or "pairs" (2 shapes, one colour, 2x2)
+    shapes_captions: str = "mixed"  # shapes: "mixed" (grid3); "complement" or "substitute" (pairs; notes/experiments.md §7)
     tokenizer: str = ""  # an existing tokenizer.json; default: a fresh run trains one into out_dir
     num_workers: int = 0  # DataLoader workers per process; -1 = auto (this process's share of the CPU cores)
     # run
@@ -84,7 +86,7 @@ LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_
 
 
 # flags that take one of a few words; a typo must stop the run, not quietly select a default
-CHOICES = dict(dataset=("shapes", "coco"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
+CHOICES = dict(dataset=("shapes", "coco"), shapes_layout=data.LAYOUTS, shapes_captions=data.CAPTION_MODES, device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
                text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"))
 
 
@@ -109,6 +111,8 @@ def config_error(t, m):
         return f"--img_size {m.img_size} must be a multiple of --patch_size {m.patch_size}"
     if not (m.cond_layers == -1 or 1 <= m.cond_layers <= m.pred_depth):
         return f"--cond_layers must be -1 (all) or 1..{m.pred_depth} (--pred_depth), got {m.cond_layers}"
+    if (t.shapes_layout == "pairs") != (t.shapes_captions != "mixed"):
+        return "--shapes_captions: mixed goes with --shapes_layout grid3, complement or substitute with pairs"
     if t.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda, but torch sees no GPU here: use --device cpu (or auto)"
     return None
@@ -292,7 +296,8 @@ def average_precision(scores, labels):
 
 @torch.no_grad()
 def shapes_features(raw_model, dataset, n, device, autocast, batch_size=250):
-    """Target-encoder patch features (n, N, D) and ground truth of the first n images."""
+    """Target-encoder patch features (n, N, D) and per-patch ground truth of the first n images:
+    shape, colour, object (0 background, 1 + slot), and the image attributes."""
     raw_model.eval()
     feats, gt = [], []
     for i in range(0, n, batch_size):
@@ -300,23 +305,38 @@ def shapes_features(raw_model, dataset, n, device, autocast, batch_size=250):
         with autocast:
             feats.append(raw_model.encode(out["images"].to(device)).float().cpu())
         p = raw_model.cfg.patch_size
-        gt.append((data.patch_labels(out["shape_map"], p), data.patch_labels(out["color_map"], p), out["attrs"]))
+        gt.append((data.patch_labels(out["shape_map"], p), data.patch_labels(out["color_map"], p),
+                   data.patch_labels(out["object_map"], p), out["attrs"]))
     raw_model.train()
-    shape, color, attrs = (torch.cat(x) for x in zip(*gt))
-    return torch.cat(feats), shape, color, attrs
+    shape, color, obj, attrs = (torch.cat(x) for x in zip(*gt))
+    return torch.cat(feats), shape, color, obj, attrs
+
+
+def object_pooled(feats, shape, obj):
+    """One row per object: the mean feature of its patches (majority label) and its shape (0-based).
+    feats (n, N, D), shape / obj (n, N) patch labels -> (n_objects, D), (n_objects,)."""
+    K = int(obj.max()) + 1
+    onehot = F.one_hot(obj, K).float()  # (n, N, K)
+    sums = onehot.transpose(1, 2) @ feats  # (n, K, D)
+    counts = onehot.sum(1)  # (n, K)
+    shapes = (onehot.transpose(1, 2) @ F.one_hot(shape, len(data.SHAPES) + 1).float()).argmax(-1)  # (n, K) majority
+    keep = counts[:, 1:] > 0  # objects that own at least one patch
+    return (sums[:, 1:] / counts[:, 1:, None].clamp(min=1))[keep], shapes[:, 1:][keep] - 1
 
 
 def probes(raw_model, train_set, val_set, n_train, device, autocast):
-    """Dense probes (what covers each patch: background or a shape; its color) and image probes
-    (which shapes / colors are present, how many objects) on the shapes val split."""
-    ftr, str_, ctr, atr = shapes_features(raw_model, train_set, n_train, device, autocast)
-    fte, ste, cte, ate = shapes_features(raw_model, val_set, len(val_set), device, autocast)
+    """Dense probes (what covers each patch: background or a shape; its color), an object probe
+    (each object's mean feature: its shape) and image probes (which shapes / colors are present,
+    how many objects) on the shapes val split."""
+    ftr, str_, ctr, otr, atr = shapes_features(raw_model, train_set, n_train, device, autocast)
+    fte, ste, cte, ote, ate = shapes_features(raw_model, val_set, len(val_set), device, autocast)
     D, ns, nc = ftr.size(-1), len(data.SHAPES), len(data.COLORS)
     res = dict(dense_shape=class_probe(ftr.reshape(-1, D), str_.flatten(), fte.reshape(-1, D), ste.flatten(), ns + 1),
                dense_color=class_probe(ftr.reshape(-1, D), ctr.flatten(), fte.reshape(-1, D), cte.flatten(), nc + 1))
     on_tr, on_te = str_.flatten() > 0, ste.flatten() > 0  # object patches only: shape among 7 kinds
     res["dense_shape_obj"] = class_probe(ftr.reshape(-1, D)[on_tr], str_.flatten()[on_tr] - 1,
                                          fte.reshape(-1, D)[on_te], ste.flatten()[on_te] - 1, ns)
+    res["obj_shape"] = class_probe(*object_pooled(ftr, str_, otr), *object_pooled(fte, ste, ote), ns)
     gtr, gte = ftr.mean(1), fte.mean(1)  # average-pooled image features (I-JEPA's probe input)
     scores = ridge_fit(gtr, atr)(gte)
     res["img_shape_ap"] = average_precision(scores[:, :ns], ate[:, :ns])
@@ -389,8 +409,9 @@ def main(argv=None):
     # ---- data and tokenizer
     os.makedirs(tcfg.out_dir, exist_ok=True)
     if tcfg.dataset == "shapes":
-        train_set = data.ShapesDataset("train", size=tcfg.shapes_size, img_size=mcfg.img_size, seed=tcfg.seed)
-        val_set = data.ShapesDataset("val", img_size=mcfg.img_size, seed=tcfg.seed)
+        kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout, captions=tcfg.shapes_captions)
+        train_set = data.ShapesDataset("train", size=tcfg.shapes_size, **kw)
+        val_set = data.ShapesDataset("val", **kw)
     else:
         train_set = data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size)
         val_set = data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Reruns every experiment of notes/experiments.md on the built-in shapes data (CPU is enough).
 # Two runs at a time, one thread each (the most throughput from a 2-core machine); a run whose
-# log already ends with its probes is skipped, so the script can be restarted after a stop.
+# log already ends with its probes is skipped and one with a checkpoint resumes from it, so the
+# script can be restarted after a stop.
 #   bash notes/run_experiments.sh            # all runs, into runs/
 #   ONLY='^(tc|shuf)_s' bash notes/run_experiments.sh   # only the runs whose name matches
+#   ONLY='^mech_' bash notes/run_experiments.sh          # the pre-registered test, notes/experiments.md §7
+#   EXTRA='--device cuda' JOBS=4 ONLY='^mech_' bash notes/run_experiments.sh   # the same on a GPU
 #   python notes/report.py                   # tables + figures from runs/*/log.jsonl
 # Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
 # batch 64, 1500 steps (long_*: 4000, --preset shapes_long), lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
@@ -11,6 +14,9 @@ set -u
 cd "$(dirname "$0")/.."
 COMMON="--lr 2e-3 --ema_start 0.99 --ema_end 0.99 --eval_every 500"  # + --max_steps 1500, or the preset's 4000
 TC="--text_cond cross --sparse_coef 0 --consist_coef 0"      # TC-JEPA, regularizers off (see sweep)
+# notes/experiments.md §7: 2 shapes in one colour on a 2x2 grid, two 4x4 target blocks, the rest is context
+MECH="--shapes_layout pairs --n_targets 2 --target_scale 0.25 0.25 --target_aspect 1 1 --context_scale 1 1 \
+--sparse_coef 0 --consist_coef 0 --max_steps 3000 --eval_every 1000 --save_every 500"
 runs=(
   # name                 flags
   "ijepa_s0              --text_cond none --seed 0"
@@ -45,6 +51,17 @@ runs=(
   "tc_mlp1_s0            $TC --cond_mlp_ratio 1 --seed 0"
   "tc_mlp1_s1            $TC --cond_mlp_ratio 1 --seed 1"
   "tc_mlp1_s2            $TC --cond_mlp_ratio 1 --seed 2"
+  # notes/experiments.md §7, pre-registered: complement vs substitute captions (most needed first)
+  "mech_comp_s0          $MECH --shapes_captions complement --text_cond cross --seed 0"
+  "mech_ijepa_s0         $MECH --shapes_captions complement --text_cond none --seed 0"
+  "mech_comp_s1          $MECH --shapes_captions complement --text_cond cross --seed 1"
+  "mech_ijepa_s1         $MECH --shapes_captions complement --text_cond none --seed 1"
+  "mech_comp_s2          $MECH --shapes_captions complement --text_cond cross --seed 2"
+  "mech_ijepa_s2         $MECH --shapes_captions complement --text_cond none --seed 2"
+  "mech_sub_s0           $MECH --shapes_captions substitute --text_cond cross --seed 0"
+  "mech_shuf_s0          $MECH --shapes_captions complement --text_cond cross --shuffle_captions true --seed 0"
+  "mech_sub_s1           $MECH --shapes_captions substitute --text_cond cross --seed 1"
+  "mech_shuf_s1          $MECH --shapes_captions complement --text_cond cross --shuffle_captions true --seed 1"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
@@ -53,12 +70,12 @@ one() {  # $1 = name, rest = flags
   if pgrep -f -- "--out_dir runs/$name\$" > /dev/null; then  # started by an earlier driver: wait for it
     echo "wait $name"; while pgrep -f -- "--out_dir runs/$name\$" > /dev/null; do sleep 10; done; return
   fi
-  local budget="--max_steps 1500"
+  local budget="--max_steps 1500" resume=""
   [[ " $* " == *" shapes_long "* ]] && budget=""  # the preset sets 4000 steps
-  rm -rf "runs/$name"; mkdir -p "runs/$name"
-  echo "start $name: python train.py $COMMON $budget $* --out_dir runs/$name"
-  OMP_NUM_THREADS=1 python train.py $COMMON $budget "$@" --out_dir "runs/$name" > "runs/$name/stdout.txt" 2>&1
+  if [ -f "runs/$name/ckpt.pt" ]; then resume="--resume runs/$name/ckpt.pt"; else rm -rf "runs/$name"; mkdir -p "runs/$name"; fi
+  echo "start $name: python train.py $COMMON $budget $* ${EXTRA:-} $resume --out_dir runs/$name"
+  OMP_NUM_THREADS=1 python train.py $COMMON $budget "$@" ${EXTRA:-} $resume --out_dir "runs/$name" >> "runs/$name/stdout.txt" 2>&1
   echo "done  $name ($(tail -c 300 runs/$name/stdout.txt | tr '\r' '\n' | tail -1))"
 }
-export -f one; export COMMON ONLY
+export -f one; export COMMON ONLY EXTRA
 printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -I{} bash -c 'one {}'
