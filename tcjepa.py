@@ -256,14 +256,15 @@ class TextEmbed(nn.Module):
 
 
 class TextConditioner(nn.Module):
-    """Paper sec. 2: q <- q + softmax(q K^T) V over the words of each caption, for every predictor
-    token (context and mask tokens), then a two-layer MLP with LayerNorm. Choices (notes/paper.md):
+    """notes/paper.md §2.2: q <- q + softmax(q K^T) V over the words of each caption, for every
+    predictor token (context and mask tokens), then a two-layer MLP with LayerNorm. Choices (§4):
     one head (the paper's similarity O is one number per token-word pair), 1/sqrt(P) scaling,
-    pre-norm, no output projection, max-pool over captions BEFORE the MLP (C x cheaper)."""
+    pre-norm, no output projection, max-pool over captions BEFORE the MLP (C x cheaper).
+    text_pool "mean" (ablation, caption-level conditioning): each caption is one mean word."""
 
     def __init__(self, cfg):
         super().__init__()
-        P = cfg.pred_width
+        P, self.pool = cfg.pred_width, cfg.text_pool
         self.norm_q = LayerNorm(P)
         self.q, self.k, self.v = nn.Linear(P, P), nn.Linear(cfg.text_width, P), nn.Linear(cfg.text_width, P)
         self.norm2, self.mlp = LayerNorm(P), MLP(P, int(P * cfg.cond_mlp_ratio))
@@ -271,7 +272,12 @@ class TextConditioner(nn.Module):
     def forward(self, x, words, word_mask):
         """x (B, Q, P) tokens of an image (all its M sequences side by side), words (B, C, S, T),
         word_mask (B, C, S) True for real words. Returns the new x, the rectified cosine
-        patch-word similarities O (B, Q, C, S), zero at padding, and the mean attention entropy."""
+        patch-word similarities O (B, Q, C, S), zero at padding, the mean attention entropy and the
+        attention (B, C, Q, S) (S = 1 with text_pool "mean")."""
+        if self.pool == "mean":  # one vector per caption: the mean of its words (K, V are affine: pool first)
+            w = word_mask[..., None].float()  # (B, C, S, 1)
+            words = (words * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)  # (B, C, 1, T)
+            word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
         q = self.q(self.norm_q(x))  # (B, Q, P)
         k, v = self.k(words), self.v(words)  # (B, C, S, P)
         # captions lead, (B, C, Q, .): the values are then one batched matmul with no transposed
@@ -282,23 +288,23 @@ class TextConditioner(nn.Module):
         att = dots.mul(q.size(-1) ** -0.5).masked_fill(~mask, float("-inf"))
         att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0).softmax(-1)
         y = att @ v  # (B, C, Q, P): one conditioned token per caption
-        # paper: max-pool the C conditioned tokens x + y_c; max_c (x + y_c) = x + max_c y_c, so pool y.
+        # §2.3: max-pool the C conditioned tokens x + y_c; max_c (x + y_c) = x + max_c y_c, so pool y.
         # Padded captions never win. max (not amax): its backward is a scatter, not an equality test.
         has_words = word_mask.any(-1)[:, :, None, None]  # (B, C, 1, 1)
         y = y.masked_fill(~has_words, float("-inf")).max(1).values  # (B, Q, P)
         y = torch.where(has_words.any(1), y, 0.0)  # an image with no caption gets no text
         x = x + y
         x = x + self.mlp(self.norm2(x))
-        # O = max(cos(W_Q q, K), 0), from the same dot products: cos = q.k / (|q| |k|)
+        # §2.4: O = max(cos(W_Q q, K), 0), from the same dot products: cos = q.k / (|q| |k|)
         cos = dots / (q.norm(dim=-1)[:, None, :, None] * k.norm(dim=-1)[:, :, None] + 1e-6)  # (B, C, Q, S)
         with torch.no_grad():  # diagnostic: attention entropy (nats) over real captions
             ent = -(att * att.clamp(min=1e-12).log()).sum(-1)  # (B, C, Q)
             ent = (ent * has_words[..., 0]).sum() / (has_words.sum() * ent.size(2)).clamp(min=1)
-        return x, (cos.clamp(min=0) * mask).transpose(1, 2), ent  # O as (B, Q, C, S)
+        return x, (cos.clamp(min=0) * mask).transpose(1, 2), ent, att  # O as (B, Q, C, S)
 
 
 def text_losses(sims, word_mask):
-    """Paper sec. 2, on the similarities of all layers: sims (Lyr, B, Q, C, S).
+    """notes/paper.md §2.4, on the similarities of all layers: sims (Lyr, B, Q, C, S).
     L_sparse = mean over tokens and captions of (1/Lyr) sum_l ||O^l||_1
     L_consist = mean over tokens and captions of (1/Lyr) sum_l ||O^l - mean_l O^l||_1
     Only real captions count (padded words are already 0 in sims)."""
@@ -331,28 +337,30 @@ class Predictor(nn.Module):
         self.conds = nn.ModuleList(TextConditioner(cfg) for _ in range(n_cond))
         self.norm, self.proj = LayerNorm(P), nn.Linear(P, cfg.width)
 
-    def forward(self, z, ctx, tgt, words=None, word_mask=None):
+    def forward(self, z, ctx, tgt, words=None, word_mask=None, return_attention=False):
         """z (B, Nc, D) context features at ctx (B, Nc); tgt (B, M, Nt). Returns predictions
-        (B*M, Nt, D) (image-major, block inner: the order of tgt.flatten(0, 1)), the similarities (layers, B, M*L, C, S) and the mean attention
-        entropy (both None without text)."""
+        (B*M, Nt, D) (image-major, block inner: the order of tgt.flatten(0, 1)), the similarities
+        (layers, B, M*L, C, S), the mean attention entropy and, if asked, the word attention
+        (layers, B, C, M*L, S) (each None without text)."""
         (B, Nc), (M, Nt) = ctx.shape, tgt.shape[1:]
         x = self.embed(z) + self.pos[ctx]  # (B, Nc, P)
         x = x.repeat_interleave(M, 0)  # (B*M, Nc, P): the context, once per target block
         m = self.mask_token + self.pos[tgt.flatten(0, 1)]  # (B*M, Nt, P)
         x = torch.cat([x, m], 1)  # (B*M, L, P)
-        sims, ents = [], []
+        sims, ents, atts = [], [], []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i < len(self.conds) and words is not None:
                 # text is per image: put an image's M sequences side by side as one query set
-                x, s, e = self.conds[i](x.view(B, -1, x.size(-1)), words, word_mask)  # (B, M*L, P)
+                x, s, e, a = self.conds[i](x.view(B, -1, x.size(-1)), words, word_mask)  # (B, M*L, P)
                 x = x.view(B * M, -1, x.size(-1))  # (B*M, L, P)
                 sims.append(s)
                 ents.append(e)
+                atts.append(a)
         x = self.proj(self.norm(x[:, Nc:]))  # (B*M, Nt, D): keep the mask tokens only
         if not sims:
-            return x, None, None
-        return x, torch.stack(sims), torch.stack(ents).mean()
+            return x, None, None, None
+        return x, torch.stack(sims), torch.stack(ents).mean(), torch.stack(atts) if return_attention else None
 
 
 # -----------------------------------------------------------------------------
@@ -402,24 +410,29 @@ class TCJEPA(nn.Module):
         if self.text is not None:
             nn.init.trunc_normal_(self.text.pos, std=0.02, generator=gen("text.pos"))
 
-    def forward(self, images, ctx, tgt, tokens=None, word_mask=None):
-        """images (B, 3, H, W), ctx (B, Nc), tgt (B, M, Nt), tokens / word_mask (B, C, S).
-        Returns a dict of scalar losses: loss (the total), loss_pred, loss_sparse, loss_consist,
-        plus two detached diagnostics of the text path (notes/paper.md §2.5, the dead zone): pos_frac, the share
-        of positive patch-word cosines, and attn_entropy, the mean word-attention entropy."""
+    def predict(self, images, ctx, tgt, tokens=None, word_mask=None, return_attention=False):
+        """The forward pass without the losses: images (B, 3, H, W), ctx (B, Nc), tgt (B, M, Nt),
+        tokens / word_mask (B, C, S). Returns dict(pred, targets (B*M, Nt, D) each, sims
+        (layers, B, M*L, C, S), attn_entropy, attention (layers, B, C, M*L, S) if asked); the text
+        entries are None without text. Diagnostics and figures read this (notes/)."""
         B, M, Nt = tgt.shape
-        with torch.no_grad():  # targets: last layer of the EMA encoder, layer-normed again (I-JEPA)
+        with torch.no_grad():  # §1.3 targets: last layer of the EMA encoder, layer-normed again
             h = self.target(images)  # (B, N, D)
             h = F.layer_norm(h, h.shape[-1:])
             targets = gather_tokens(h, tgt.flatten(1)).view(B * M, Nt, -1)  # (B*M, Nt, D)
         z = self.encoder(images, ctx)  # (B, Nc, D)
         words = self.text(tokens) if (self.text is not None and tokens is not None) else None
-        if words is not None and self.cfg.text_pool == "mean":  # ablation: caption-level conditioning
-            w = word_mask[..., None].float()  # (B, C, S, 1)
-            words = (words * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)  # (B, C, 1, T)
-            word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
-        pred, sims, attn_entropy = self.predictor(z, ctx, tgt, words, word_mask)
-        if self.cfg.pred_loss == "l2":  # I-JEPA paper: squared L2 per patch, averaged
+        pred, sims, ent, att = self.predictor(z, ctx, tgt, words, word_mask, return_attention)
+        return dict(pred=pred, targets=targets, sims=sims, attn_entropy=ent, attention=att)
+
+    def forward(self, images, ctx, tgt, tokens=None, word_mask=None):
+        """Returns a dict of scalar losses: loss (the total), loss_pred, loss_sparse, loss_consist,
+        plus two detached diagnostics of the text path (notes/paper.md §2.5, the dead zone):
+        pos_frac, the share of positive patch-word cosines, and attn_entropy, the mean
+        word-attention entropy. Arguments as predict."""
+        out = self.predict(images, ctx, tgt, tokens, word_mask)
+        pred, targets, sims = out["pred"], out["targets"], out["sims"]
+        if self.cfg.pred_loss == "l2":  # I-JEPA paper: squared L2 per patch, averaged (§1.5)
             loss_pred = (pred.float() - targets).pow(2).sum(-1).mean()
         else:  # official I-JEPA code: smooth-L1 (beta 1) averaged over all elements
             loss_pred = F.smooth_l1_loss(pred.float(), targets)
@@ -427,10 +440,13 @@ class TCJEPA(nn.Module):
         if sims is None:
             loss_sparse = loss_consist = pos_frac = attn_entropy = zero
         else:
+            if self.cfg.text_pool == "mean":  # the conditioners saw one pooled word per caption
+                word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
             if self.cfg.sparse_coef == 0 and self.cfg.consist_coef == 0:
                 sims = sims.detach()  # unweighted losses are only logged: no backward (notes/perf.md)
             loss_sparse, loss_consist = text_losses(sims.float(), word_mask)
             pos_frac = ((sims > 0).sum() / (word_mask.sum() * sims.size(0) * sims.size(2)).clamp(min=1)).detach()
+            attn_entropy = out["attn_entropy"]
         loss = loss_pred + self.cfg.sparse_coef * loss_sparse + self.cfg.consist_coef * loss_consist
         return dict(loss=loss, loss_pred=loss_pred, loss_sparse=loss_sparse, loss_consist=loss_consist,
                     pos_frac=pos_frac, attn_entropy=attn_entropy)

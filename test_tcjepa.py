@@ -145,8 +145,8 @@ def test_text_conditioner_matches_naive_loop():
     word_mask[0, 1] = False  # a padded caption
     word_mask[1, :, 0] = True
     word_mask[2] = False  # an image with no caption at all
-    y, O, _ = cond(x, words, word_mask)
-    ref_y, ref_O = torch.zeros_like(x), torch.zeros(B, Q, C, S)
+    y, O, _, att = cond(x, words, word_mask)
+    ref_y, ref_O, ref_att = torch.zeros_like(x), torch.zeros(B, Q, C, S), torch.zeros(B, C, Q, S)
     for b in range(B):
         q = cond.q(cond.norm_q(x[b]))  # (Q, P)
         pooled = None
@@ -158,6 +158,7 @@ def test_text_conditioner_matches_naive_loop():
             s = q @ k.T / math.sqrt(P)
             a = s.exp() / s.exp().sum(-1, keepdim=True)
             out = a @ v  # (Q, P)
+            ref_att[b, c][:, idx] = a
             pooled = out if pooled is None else torch.maximum(pooled, out)
             for i in range(Q):
                 for j, w in enumerate(idx):
@@ -166,6 +167,26 @@ def test_text_conditioner_matches_naive_loop():
         ref_y[b] = h + cond.mlp(cond.norm2(h))
     torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(O, ref_O, atol=1e-5, rtol=1e-5)
+    real = word_mask.any(-1)  # (B, C): the returned attention of a real caption is its softmax
+    torch.testing.assert_close(att[real], ref_att[real], atol=1e-6, rtol=1e-5)
+
+
+def test_mean_pooled_captions_attend_to_the_mean_word():
+    """text_pool "mean" (ablation): the conditioner sees one vector per caption, the mean of its words."""
+    cfg = tiny_cfg(text_pool="mean")
+    torch.manual_seed(0)
+    cond = tcjepa.TextConditioner(cfg)
+    x, words = torch.randn(2, 5, cfg.pred_width), torch.randn(2, cfg.n_captions, cfg.max_words, cfg.text_width)
+    word_mask = torch.rand(2, cfg.n_captions, cfg.max_words) > 0.3
+    word_mask[:, :, 0] = True
+    mean = torch.stack([torch.stack([words[b, c][word_mask[b, c]].mean(0) for c in range(cfg.n_captions)])
+                        for b in range(2)])[:, :, None]  # (B, C, 1, T)
+    cond.pool = "word"
+    ref = cond(x, mean, word_mask[..., :1])
+    cond.pool = "mean"
+    got = cond(x, words, word_mask)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_text_losses_match_direct_recomputation():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
-from tcjepa import TCJEPA, TCJEPAConfig, TextConditioner, sample_masks  # noqa: E402
+from tcjepa import TCJEPA, TCJEPAConfig, sample_masks  # noqa: E402
 
 
 def load(path):
@@ -85,20 +85,9 @@ def fig_masks(plt, val, cfg):
 
 @torch.no_grad()
 def word_attention(model, image, ctx, tgt, tokens, word_mask):
-    """Attention (layers, Q, C, S) of every predictor token to every word, recomputed from the
-    inputs each TextConditioner receives (hooks; the model itself is untouched)."""
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp)))
-             for m in model.predictor.conds]
-    model(image, ctx, tgt, tokens, word_mask)
-    for h in hooks:
-        h.remove()
-    atts = []
-    for mod, (x, words, wm) in seen:
-        q, k = mod.q(mod.norm_q(x)), mod.k(words)  # (1, Q, P), (1, C, S, P)
-        dots = torch.einsum("bqp,bcsp->bqcs", q, k) * q.size(-1) ** -0.5
-        atts.append(dots.masked_fill(~wm[:, None], float("-inf")).softmax(-1)[0])
-    return torch.stack(atts)  # (layers, Q, C, S)
+    """Attention (layers, Q, C, S) of every predictor token to every word, as the model computes it."""
+    att = model.predict(image, ctx, tgt, tokens, word_mask, return_attention=True)["attention"]  # (layers, 1, C, Q, S)
+    return att[:, 0].transpose(1, 2)
 
 
 def fig_attention(plt, model, cfg, tokenizer, val):
@@ -170,9 +159,7 @@ def fig_steer(plt, model, cfg, tokenizer, val, n_bank=400, k=6):
         else:
             tokens, wm, _ = tokens_for(caps, tokenizer, cfg)
             want = {0: (shape, color), 1: (new_shape, new_color), 2: (new_shape, color)}[row]
-        z = model.encoder(item["image"][None], ctx)
-        words = model.text(tokens)
-        pred, _, _ = model.predictor(z, ctx, tgt, words, wm)  # (1, Nt, D)
+        pred = model.predict(item["image"][None], ctx, tgt, tokens, wm)["pred"]  # (1, Nt, D)
         centre = pred[0, tgt.size(-1) // 2]  # the prediction for the block's central patch
         sim = bank_f @ F.normalize(centre, dim=0)
         top = sim.topk(k).indices
@@ -225,12 +212,11 @@ def steer_table(model, cfg, tokenizer, val, n_images=100, n_bank=400, k=10):
         ctx = torch.tensor([[j for j in range(G * G) if j not in set(tgt.flatten().tolist())]])
         name = f"{data.COLORS[color]} {data.SHAPES[shape]}"
         new_c, new_s = (color + 3) % len(data.COLORS), (shape + 1) % len(data.SHAPES)
-        z = model.encoder(item["image"][None], ctx)
         tops = []
         for caps in (item["captions"], [c.replace(name, f"{data.COLORS[new_c]} {data.SHAPES[shape]}") for c in item["captions"]],
                      [c.replace(name, f"{data.COLORS[color]} {data.SHAPES[new_s]}") for c in item["captions"]]):
             tokens, wm, _ = tokens_for(caps, tokenizer, cfg)
-            pred = model.predictor(z, ctx, tgt, model.text(tokens), wm)[0][0, tgt.size(-1) // 2]
+            pred = model.predict(item["image"][None], ctx, tgt, tokens, wm)["pred"][0, tgt.size(-1) // 2]
             tops.append((bank_f @ F.normalize(pred, dim=0)).topk(k).indices)
         hits["true: color"].append(has_color[color][tops[0]].float().mean())
         hits["true: shape"].append(has_shape[shape][tops[0]].float().mean())
