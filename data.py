@@ -289,6 +289,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
 
+    def captions_of(self, index):
+        return self._scene(index)[3]
+
     def captions_for_tokenizer(self):
         for i in range(self.size):
             yield from self._scene(i)[3]
@@ -314,6 +317,8 @@ class CocoCaptions(torch.utils.data.Dataset):
         for path in (root, ann, img_dir):
             if not path.exists():
                 raise DataError(f"COCO not found: {path} is missing. {fix}")
+        if not img_dir.is_dir():
+            raise DataError(f"COCO not found: {img_dir} is not a folder. {fix}")
         images, annotations = _read_coco_json(ann)
 
         caps = defaultdict(list)
@@ -359,6 +364,9 @@ class CocoCaptions(torch.utils.data.Dataset):
         img = TF.resized_crop(img, i, j, h, w, [self.img_size, self.img_size], antialias=True)
         image = _normalize(TF.to_tensor(img)[None])[0]  # (3, img_size, img_size)
         return dict(image=image, captions=self.captions[index], seed=seed)
+
+    def captions_of(self, index):
+        return self.captions[index]
 
     def captions_for_tokenizer(self):
         for caps in self.captions:

@@ -35,6 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# the fields that take one of a few words (train.py's command line uses these too)
+CHOICES = dict(text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"))
+
+
 @dataclass
 class TCJEPAConfig:
     # image and encoder (defaults: the small built-in `shapes` setting; see vit_b16() for the paper's)
@@ -372,9 +376,8 @@ class TCJEPA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.text_cond in ("cross", "none"), f"text_cond must be 'cross' or 'none', got {cfg.text_cond!r}"
-        assert cfg.text_pool in ("word", "mean"), f"text_pool must be 'word' or 'mean', got {cfg.text_pool!r}"
-        assert cfg.pred_loss in ("smooth_l1", "l2"), f"pred_loss must be 'smooth_l1' or 'l2', got {cfg.pred_loss!r}"
+        for k, allowed in CHOICES.items():
+            assert getattr(cfg, k) in allowed, f"{k} must be one of {allowed}, got {getattr(cfg, k)!r}"
         assert cfg.cond_layers == -1 or 1 <= cfg.cond_layers <= cfg.pred_depth, "cond_layers: -1 or 1..pred_depth"
         self.cfg = cfg
         # the one draw from torch's global generator, before any module is built: torch.manual_seed(s)

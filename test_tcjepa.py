@@ -861,7 +861,7 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)
     text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM: saved" in text, text[-2000:]
+    assert proc.returncode == train.EXIT_STOPPED and "SIGTERM: saved" in text, text[-2000:]
     stopped = max(train_log(b))
     other = tmp_path / "other.json"
     train_tokenizer(["zebra giraffe", "a giraffe"], 128, other)
@@ -922,9 +922,9 @@ def test_train_stops_on_nan_naming_the_step(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train.TCJEPA, "forward", nan_at_step_5)
     out_dir = str(tmp_path / "nan")
-    train.main([*TINY, "--max_steps", "10", "--out_dir", out_dir, "--save_every", "2", "--log_every", "3"])
-    text = capsys.readouterr().out
-    assert "loss is not finite at step 5" in text and "step 4" in text, text[-1500:]
+    with pytest.raises(train.data.DataError) as e:
+        train.main([*TINY, "--max_steps", "10", "--out_dir", out_dir, "--save_every", "2", "--log_every", "3"])
+    assert "not finite at step 5" in str(e.value) and f"{out_dir}/ckpt.pt (step 4)" in str(e.value), str(e.value)
     ckpt = torch.load(f"{out_dir}/ckpt.pt", weights_only=False)
     assert ckpt["step"] + 1 == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -1000,7 +1000,7 @@ def test_torchrun_sigterm_saves_with_loader_workers(tmp_path):
     text, _ = proc.communicate(timeout=120)
     assert "SIGTERM: saved" in text and "killed by signal" not in text, text[-3000:]
     step = torch.load(f"{d}/ckpt.pt", weights_only=False)["step"] + 1
-    assert 7 <= step < 2000 and (step % 10 == 0 or step % 7 == 0), step
+    assert 1 <= step < 2000, step
 
 
 def test_train_compile_on_cpu(tmp_path):

@@ -5,14 +5,19 @@ Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data or
   torchrun train.py --dataset coco                  # COCO 2017 in data/coco, ViT-B/16 at 224
   torchrun --standalone --nproc_per_node=8 train.py --dataset coco --data_dir /data/coco
 
-Every field of TrainConfig and TCJEPAConfig is a flag (python train.py --help).
+Every field of TrainConfig and TCJEPAConfig is a flag; a preset fills the fields not given
+(`shapes` by default, `coco` with --dataset coco). `python train.py --help` shows, for each flag,
+the value every preset uses. Exit codes: 0 finished, 75 stopped by a signal after saving a
+checkpoint (resume with --resume), 1 failed (the last line says why).
 """
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,7 +31,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import tcjepa
 from tcjepa import TCJEPA, TCJEPAConfig, sample_masks
+
+# -----------------------------------------------------------------------------
+# configuration: the training fields, their valid values, the presets
 
 
 @dataclass
@@ -41,22 +50,22 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per process; -1 = auto (this process's share of the CPU cores)
     # run
     out_dir: str = "out"  # checkpoint, log.jsonl and tokenizer go here
-    max_steps: int = 1000  # optimizer steps (about 7 minutes on 2 CPU cores with the defaults)
+    max_steps: int = 1000  # optimizer steps
     batch_size: int = 64  # images per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
-    seed: int = 0  # everything random (data order, crops, captions, masks) derives from it
+    seed: int = 0  # everything random (init, data order, crops, captions, masks) derives from it
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: str = "auto"  # torch.compile the model: "auto" (= on for CUDA), "on", "off"
     resume: str = ""  # a checkpoint to continue from ("auto" = out_dir/ckpt.pt if present)
-    # optimization (I-JEPA: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
-    lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048; --dataset coco uses that)
+    # optimization (notes/paper.md §1.6: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
+    lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048)
     start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr
     final_lr: float = 1e-6  # learning rate at the end of the cosine
     warmup_steps: int = 100  # linear warmup steps
     weight_decay: float = 0.04  # at step 0, cosine to final_weight_decay (biases, norms: none)
-    final_weight_decay: float = 0.4
-    ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, PAPER.md sec. 3)
-    ema_end: float = 0.99  # EMA momentum at the last step (I-JEPA 1.0; constant 0.99 learns more in short runs)
+    final_weight_decay: float = 0.4  # weight decay at the last step
+    ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, notes/paper.md §5.2)
+    ema_end: float = 0.99  # EMA momentum at the last step (I-JEPA 1.0)
     # logging, evaluation, checkpoints
     log_every: int = 25  # steps between log lines
     eval_every: int = 500  # steps between validation losses (true / shuffled / no captions) and probes
@@ -71,23 +80,75 @@ class TrainConfig:
     shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
 
-# --dataset coco: the I-JEPA recipe at ViT-B/16 scale (any flag given still wins)
-COCO_DEFAULTS = dict(lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1, max_steps=20000,
-                     warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
+# flags that take one of a few words (a typo must stop the run, not quietly select a default)
+CHOICES = dict(dataset=("shapes", "coco"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
+               shapes_layout=data.LAYOUTS, shapes_captions=data.CAPTION_MODES, **tcjepa.CHOICES)
 
-# --preset shapes_long: the shortest budget found where I-JEPA's encoder clearly beats its random
-# init on the dense shape probe (notes/experiments.md sec. 1); one CPU thread: ~25 min I-JEPA, ~40 min TC-JEPA
-SHAPES_LONG = dict(max_steps=4000, eval_every=500)
+# numeric ranges, (lowest, highest) inclusive, None = unbounded; checked before anything is built
+RANGES = dict(
+    shapes_size=(1, None), num_workers=(-1, None), max_steps=(1, None), batch_size=(1, None), grad_accum=(1, None),
+    seed=(0, None), lr=(0, None), start_lr=(0, None), final_lr=(0, None), warmup_steps=(0, None),
+    weight_decay=(0, None), final_weight_decay=(0, None), ema_start=(0, 1), ema_end=(0, 1), log_every=(1, None),
+    eval_every=(1, None), save_every=(1, None), val_size=(1, None), probe_train=(1, None), bench=(0, None),
+    bench_warmup=(0, None),
+    img_size=(1, None), patch_size=(1, None), in_chans=(1, None), width=(4, None), depth=(1, None), heads=(1, None),
+    mlp_ratio=(0.01, None), pred_width=(4, None), pred_depth=(0, None), n_targets=(1, None), target_scale=(0, 1),
+    target_aspect=(0.01, None), context_scale=(0, 1), min_keep=(1, None), vocab_size=(3, None), max_words=(1, None),
+    n_captions=(1, None), text_width=(1, None), sparse_coef=(0, None), consist_coef=(0, None), cond_layers=(-1, None),
+    cond_mlp_ratio=(0.01, None))
 
-LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy")  # per-step values
+# presets: (training fields, model fields) that fill what the command line does not give
+SHAPES_MODEL = dict(sparse_coef=0.0, consist_coef=0.0)  # the paper's 0.1 / 0.5 hit the dead zone here (notes/experiments.md §3)
+VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items() if v != getattr(TCJEPAConfig, k)}
+COCO_TRAIN = dict(dataset="coco", lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1,
+                  max_steps=20000, warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
+PRESETS = {
+    "shapes": ({}, SHAPES_MODEL),  # the default for --dataset shapes
+    "shapes_long": (dict(max_steps=4000, eval_every=500), SHAPES_MODEL),  # where I-JEPA clearly learns shape (notes/experiments.md §1)
+    "vit_b16": ({}, VIT_B16),  # the paper's ViT-B/16 at 224 px, on any data
+    "coco": (COCO_TRAIN, VIT_B16),  # the default for --dataset coco: ViT-B/16 and I-JEPA's recipe
+}
+
+
+def apply_preset(name, given):
+    """(TrainConfig, TCJEPAConfig) of a preset, with the fields in `given` (flags) winning."""
+    train_kw, model_kw = PRESETS[name]
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{**train_kw, **{k: v for k, v in given.items() if k in tfields}})
+    mcfg = TCJEPAConfig(**{**model_kw, **{k: v for k, v in given.items() if k not in tfields}})
+    return tcfg, mcfg
+
+
+def config_error(t, m):
+    """The first flag value that would fail deep inside torch or train silently wrong, or None."""
+    for cfg in (t, m):
+        for k, (lo, hi) in RANGES.items():
+            if not hasattr(cfg, k):
+                continue
+            v = getattr(cfg, k)
+            for x in (v if isinstance(v, tuple) else (v,)):  # NaN fails every comparison: caught here
+                if isinstance(x, bool) or not (math.isfinite(x) and x >= lo and (hi is None or x <= hi)):
+                    return f"--{k} must be {f'in [{lo}, {hi}]' if hi is not None else f'at least {lo}'}, got {v}"
+            if isinstance(v, tuple) and v[0] > v[1]:
+                return f"--{k} takes a range low high, got {v[0]} {v[1]}"
+    for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos axis
+        if getattr(m, k) % m.heads or getattr(m, k) % 4:
+            return f"--{k} {getattr(m, k)} must be a multiple of --heads ({m.heads}) and of 4"
+    if m.img_size % m.patch_size:
+        return f"--img_size {m.img_size} must be a multiple of --patch_size {m.patch_size}"
+    if m.text_cond == "cross" and m.pred_depth == 0:
+        return "--text_cond cross needs a predictor layer to condition: --pred_depth at least 1 (or --text_cond none)"
+    if not (m.cond_layers == -1 or 1 <= m.cond_layers <= m.pred_depth):
+        return f"--cond_layers must be -1 (all) or 1..{m.pred_depth} (--pred_depth), got {m.cond_layers}"
+    if (t.shapes_layout == "pairs") != (t.shapes_captions != "mixed"):
+        return "--shapes_captions: mixed goes with --shapes_layout grid3, complement or substitute with pairs"
+    if t.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no GPU here: use --device cpu (or auto)"
+    return None
+
 
 # -----------------------------------------------------------------------------
 # command line: generated from the two config dataclasses
-
-
-# flags that take one of a few words; a typo must stop the run, not quietly select a default
-CHOICES = dict(dataset=("shapes", "coco"), shapes_layout=data.LAYOUTS, shapes_captions=data.CAPTION_MODES, device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
-               text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"))
 
 
 def _boolean(s):
@@ -98,24 +159,31 @@ def _boolean(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def config_error(t, m):
-    """The first flag value that would fail deep inside torch (or train silently wrong), or None."""
-    for k in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every", "val_size",
-              "probe_train"):
-        if getattr(t, k) < 1:
-            return f"--{k} must be at least 1, got {getattr(t, k)}"
-    for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos axis
-        if getattr(m, k) % m.heads or getattr(m, k) % 4:
-            return f"--{k} {getattr(m, k)} must be a multiple of --heads ({m.heads}) and of 4"
-    if m.img_size % m.patch_size:
-        return f"--img_size {m.img_size} must be a multiple of --patch_size {m.patch_size}"
-    if not (m.cond_layers == -1 or 1 <= m.cond_layers <= m.pred_depth):
-        return f"--cond_layers must be -1 (all) or 1..{m.pred_depth} (--pred_depth), got {m.cond_layers}"
-    if (t.shapes_layout == "pairs") != (t.shapes_captions != "mixed"):
-        return "--shapes_captions: mixed goes with --shapes_layout grid3, complement or substitute with pairs"
-    if t.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda, but torch sees no GPU here: use --device cpu (or auto)"
-    return None
+def field_comments(cls):
+    """{field: its comment} from the dataclass source: the comment on the field's line, or else the
+    comment lines right above it."""
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("# "))
+        elif m:
+            out[m.group(1)] = m.group(2) or " ".join(above)
+            above = []
+        else:
+            above = []
+    return out
+
+
+def default_text(name):
+    """'default X' for the shapes preset, then the presets that differ: 'default 0.0 (coco, vit_b16: 0.1)'."""
+    values = {p: getattr(next(c for c in apply_preset(p, {}) if hasattr(c, name)), name) for p in PRESETS}
+    others = {}
+    for p, v in values.items():
+        if v != values["shapes"]:
+            others.setdefault(repr(v), []).append(p)
+    extra = "; ".join(f"{', '.join(ps)}: {v}" for v, ps in others.items())
+    return f"default {values['shapes']!r}" + (f" ({extra})" if extra else "")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -125,31 +193,22 @@ class ArgParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["shapes", "shapes_long", "vit_b16"], default=None,
-                   help="shapes (default), shapes_long (4000 steps, see notes/experiments.md), "
-                        "vit_b16 (the default for --dataset coco)")
-    for title, cls in (("training", TrainConfig), ("model (TCJEPAConfig)", TCJEPAConfig)):
-        group = p.add_argument_group(title)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="fills the fields no flag gives: shapes (default), shapes_long, vit_b16, coco (default for --dataset coco)")
+    for title, cls in (("training (TrainConfig)", TrainConfig), ("model (TCJEPAConfig, tcjepa.py)", TCJEPAConfig)):
+        group, comments = p.add_argument_group(title), field_comments(cls)
         for f in dataclasses.fields(cls):
-            default = f.default
-            if isinstance(default, tuple):  # ranges such as target_scale: two numbers
-                group.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"default {default}")
+            help = f"{comments.get(f.name, '')}; {default_text(f.name)}".replace("%", "%%")
+            if isinstance(f.default, tuple):  # ranges such as target_scale: two numbers
+                group.add_argument(f"--{f.name}", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help)
             else:
-                kind = _boolean if isinstance(default, bool) else type(default)
-                group.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), default=None,
-                                   help=f"default {default!r}")
+                kind = _boolean if isinstance(f.default, bool) else type(f.default)
+                group.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), default=None, help=help)
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = COCO_DEFAULTS if given.get("dataset") == "coco" else SHAPES_LONG if args.preset == "shapes_long" else {}
-    tcfg = TrainConfig(**{**base, **{k: v for k, v in given.items() if k in tfields}})
-    preset = args.preset or ("vit_b16" if tcfg.dataset == "coco" else "shapes")
-    # shapes: the text losses are off by default; at this scale the paper's lambda 0.1 / beta 0.5
-    # drive the patch-word cosines into the dead zone (notes/experiments.md). --sparse_coef 0.1
-    # --consist_coef 0.5 gives the paper's values; the vit_b16 preset keeps them.
-    mcfg = TCJEPAConfig.vit_b16() if preset == "vit_b16" else TCJEPAConfig(sparse_coef=0.0, consist_coef=0.0)
-    mcfg = dataclasses.replace(mcfg, **{k: (tuple(v) if isinstance(v, list) else v)
-                                        for k, v in given.items() if k not in tfields and k != "preset"})
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+             if v is not None and k != "preset"}
+    preset = args.preset or ("coco" if given.get("dataset") == "coco" else "shapes")
+    tcfg, mcfg = apply_preset(preset, given)
     problem = config_error(tcfg, mcfg)
     if problem:
         p.error(problem)
@@ -157,7 +216,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# schedules (I-JEPA), seeds, checkpoints
+# schedules (notes/paper.md §1.6), seeds, the step sampler
 
 
 def schedules(step, t):
@@ -207,10 +266,66 @@ class StepSampler:
             i += 1
 
 
+# -----------------------------------------------------------------------------
+# where this process runs: distributed setup, device, signals
+
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    compile: bool  # decided once: --compile on, or auto on a GPU
+    autocast: object  # bf16 autocast on CUDA, a no-op on the CPU
+    cpu_group: object = None  # a gloo group for the stop flag (a CPU tensor: no GPU sync)
+    stop_signal: str = None  # set by the signal handler
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def print0(self, *a, **k):
+        if self.master:
+            print(*a, **k)
+
+
+def setup(tcfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process."""
+    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+    ddp = "RANK" in os.environ
+    rank, local_rank, world, cpu_group = 0, 0, 1, None
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        cpu_group = dist.new_group(backend="gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    rt = Runtime(ddp, rank, local_rank, world, device, tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda),
+                 autocast, cpu_group)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
+        signal.signal(sig, lambda s, f: setattr(rt, "stop_signal", signal.Signals(s).name))
+    return rt
+
+
+def stop_requested(rt):
+    """Did this process, or (under DDP) any rank, get a stop signal? The ranks ask every step: one
+    all-reduce of one CPU number, far cheaper than a step (notes/perf.md), so a signal is acted on
+    within one step, inside torchrun's 30 s before it kills."""
+    if not rt.ddp:
+        return rt.stop_signal is not None
+    flag = torch.tensor(float(rt.stop_signal is not None))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.cpu_group)
+    return bool(flag)
+
+
 def auto_workers():
     """DataLoader workers for one process: its share of the node's CPU cores, less one for itself
-    (capped at 32). COCO decoding is the bottleneck: one worker does 254-320 img/s and an H200 at
-    40% MFU would want ~4,650 img/s of ViT-B I-JEPA (an estimate, notes/perf.md)."""
+    (capped at 32). COCO decoding is the bottleneck (notes/perf.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -223,15 +338,243 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# -----------------------------------------------------------------------------
+# checkpoints and the log
+
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise data.DataError(f"--out_dir {path} is not a writable folder ({e.strerror}): give another --out_dir") from None
+
+
+def load_checkpoint(path):
+    """A checkpoint that train.py wrote, or one line saying why this file is not one."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"--resume {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, empty, garbage: torch raises several kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise data.DataError(f"--resume {path}: not a readable checkpoint ({reason}); give the ckpt.pt of a run, "
+                             f"or none to start fresh") from None
+    if not (isinstance(ckpt, dict) and {"model", "optimizer", "model_config", "train_config", "step"} <= set(ckpt)):
+        raise data.DataError(f"--resume {path}: not a train.py checkpoint (no model / optimizer / config / step); "
+                             f"give the ckpt.pt of a run")
+    return ckpt
+
+
+def all_finite(*state_dicts):
+    """Every floating tensor in these (nested) state dicts is finite."""
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+    return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd) if t.is_floating_point())
+
+
 def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer):
-    """Atomic: write a temp file, then rename over the old one (a kill never leaves half a file).
-    The tokenizer travels inside (its json), so a resumed run cannot pick up another one."""
+    """Atomic: a temp file named for this process, then a rename over the old one (a kill never
+    leaves half a file). The tokenizer travels inside (its json). A failed write (disk full) removes
+    the temp file, keeps the previous checkpoint and stops with one line."""
     state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
                  model_config=dataclasses.asdict(mcfg), step=step, tokenizer_json=tokenizer.to_str(),
                  rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise data.DataError(f"could not save {path} at step {step + 1} ({str(e).splitlines()[0][:100]}); the "
+                             f"previous checkpoint is kept: free space in {os.path.dirname(path) or '.'} and resume "
+                             f"with --resume {path}") from None
+
+
+def append_log(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def trim_log(path, step):
+    """Resuming at `step`: drop the records a killed run wrote after its checkpoint (atomically)."""
+    if not os.path.exists(path):
+        return
+    keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# data, tokenizer, model
+
+
+def datasets(tcfg, mcfg):
+    if tcfg.dataset == "shapes":
+        kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout, captions=tcfg.shapes_captions)
+        return data.ShapesDataset("train", size=tcfg.shapes_size, **kw), data.ShapesDataset("val", **kw)
+    return (data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size),
+            data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size))
+
+
+def choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt):
+    """A resumed run takes the checkpoint's own tokenizer; a fresh run trains one on its training
+    captions into out_dir (never reusing a tokenizer.json another run left there), unless --tokenizer.
+    A benchmark keeps its tokenizer in memory and leaves out_dir as it was."""
+    if ckpt is not None and "tokenizer_json" in ckpt:
+        tokenizer = data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
+        if tcfg.tokenizer and data.load_tokenizer(tcfg.tokenizer).get_vocab() != tokenizer.get_vocab():
+            raise data.DataError(f"--tokenizer {tcfg.tokenizer} is not the tokenizer {resume} was trained with: "
+                                 f"drop --tokenizer (the checkpoint carries its own)")
+        return tokenizer
+    if ckpt is not None:  # checkpoints before 2026-11-29 name a file: --tokenizer, that file, or the one beside
+        named = ckpt["tokenizer"]
+        named = named if os.path.exists(named) else os.path.join(os.path.dirname(resume), "tokenizer.json")
+        return data.load_tokenizer(tcfg.tokenizer or named)
+    if tcfg.tokenizer:
+        return data.load_tokenizer(tcfg.tokenizer)
+    if tcfg.bench:
+        return data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size)
+    path = os.path.join(tcfg.out_dir, "tokenizer.json")
+    if rt.master:
+        data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, path)
+    if rt.ddp:
+        dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
+    return data.load_tokenizer(path)
+
+
+def check_captions(train_set, tokenizer, max_images=10000):
+    """text_cond=cross with captions that tokenize to nothing would train I-JEPA under another name:
+    stop if no sampled image has a usable caption, warn if most have none."""
+    n = min(len(train_set), max_images)
+    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    caps = [train_set.captions_of(i) for i in idx]
+    enc = tokenizer.encode_batch([c for cs in caps for c in cs], add_special_tokens=False)
+    usable, k = 0, 0
+    for cs in caps:
+        usable += any(len(e.ids) > 0 for e in enc[k:k + len(cs)])
+        k += len(cs)
+    if usable == 0:
+        raise data.DataError(f"--text_cond cross, but none of {n} sampled training images has a caption with a word "
+                             f"the tokenizer knows: fix the captions, or train I-JEPA with --text_cond none")
+    if usable < n / 2:
+        print(f"warning: only {usable} of {n} sampled training images have a usable caption; the others train "
+              f"without text", file=sys.stderr)
+
+
+def build_model(mcfg, tcfg, rt):
+    """The model (seeded: the random-init probe rebuilds the very same one) and AdamW with no weight
+    decay on biases and norms (notes/paper.md §1.6)."""
+    torch.manual_seed(tcfg.seed)
+    model = TCJEPA(mcfg).to(rt.device)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=tcfg.lr, betas=(0.9, 0.999), fused=rt.device.type == "cuda")
+    return model, opt
+
+
+def restore(raw_model, opt, ckpt, tcfg, mcfg, rt):
+    """Load a checkpoint into model and optimizer; the model must match. Returns the next step."""
+    diff = {k: v for k, v in ckpt["model_config"].items() if getattr(mcfg, k, None) != v}
+    if diff:
+        raise data.DataError(f"--resume: the checkpoint's model differs in {diff}: give the same model flags")
+    changed = [k for k, v in ckpt["train_config"].items()
+               if k not in ("resume", "eval_only", "bench") and getattr(tcfg, k, None) != v]
+    if changed:
+        rt.print0("resuming with changed training flags: " + ", ".join(
+            f"{k} {ckpt['train_config'][k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
+    raw_model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"] + 1
+
+
+def wrap(raw_model, rt):
+    """torch.compile, then DDP around the compiled model, as torch's docs advise (dynamo then splits
+    the graph at DDP's buckets so the all-reduce overlaps the backward); buffers are constant: no
+    broadcast. Checkpoints and the EMA use the raw model (no "_orig_mod." keys)."""
+    model = torch.compile(raw_model) if rt.compile else raw_model
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+    return model
+
+
+def make_loader(train_set, collate, tcfg, rt, start_step):
+    sampler = StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rt.rank, rt.world, start_step, tcfg.grad_accum)
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=tcfg.num_workers, pin_memory=rt.device.type == "cuda",
+                                       persistent_workers=tcfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
+
+
+def make_val_batches(val_set, collate, tcfg, mcfg):
+    """Fixed val images with fixed masks: the same for every evaluation and every run of a seed."""
+    batches, n_val = [], min(tcfg.val_size, len(val_set))
+    for i in range(0, n_val, tcfg.batch_size):
+        b = collate([val_set[(j, 1000 + j)] for j in range(i, min(n_val, i + tcfg.batch_size))])
+        b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, seeded(tcfg.seed, 10**9, i))  # unreadable ones dropped
+        batches.append(b)
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy", "grad_norm")  # per step
+
+
+def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
+    """One optimizer step of grad_accum micro-steps. Returns dict(parts: the LOGGED values summed
+    over the micro-steps, finite: whether the loss and the gradient norm are finite (both kept on
+    the device: no host sync), n_img, shapes: the last (Nc, Nt), data_wait: seconds blocked on the
+    loader). A non-finite step is caught before opt.step() can write it into the weights."""
+    lr, wd, momentum = schedules(step, tcfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.param_groups[0]["weight_decay"] = wd
+    total, n_img, data_wait = 0.0, 0, 0.0
+    for micro in range(tcfg.grad_accum):
+        t_wait = time.perf_counter()
+        batch = next_batch()
+        data_wait += time.perf_counter() - t_wait
+        B = batch["images"].size(0)
+        ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rt.rank, micro, 3))  # on CPU: no GPU sync
+        images, tokens, wm, ctx, tgt = (x.to(rt.device, non_blocking=True) for x in
+                                        (batch["images"], batch["tokens"], batch["word_mask"], ctx, tgt))
+        if tcfg.shuffle_captions:  # control: every image gets the captions of its neighbour
+            tokens, wm = tokens.roll(1, 0), wm.roll(1, 0)
+        if rt.compile:  # block sizes change per batch: one compiled graph for all of them
+            torch._dynamo.mark_dynamic(ctx, 1)
+            torch._dynamo.mark_dynamic(tgt, 2)
+        if rt.ddp:  # all-reduce gradients on the last micro-step only (nanoGPT's idiom)
+            model.require_backward_grad_sync = micro == tcfg.grad_accum - 1
+        with rt.autocast:
+            out = model(images, ctx, tgt, tokens, wm)
+        (out["loss"] / tcfg.grad_accum).backward()
+        total = total + torch.stack([out[k].detach().float() for k in LOGGED[:-1]])
+        n_img += B * rt.world
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * tcfg.grad_accum  # summed later
+    finite = total[0].isfinite() & grad_norm.isfinite()
+    if os.environ.get("TCJEPA_TEST_SLOW_STEP"):  # tests only: a slow step, as big models have (seconds)
+        time.sleep(float(os.environ["TCJEPA_TEST_SLOW_STEP"]))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    raw_model.update_target(momentum)
+    return dict(parts=torch.cat([total, grad_norm[None]]), finite=finite, n_img=n_img,
+                shapes=(ctx.size(1), tgt.size(2)), data_wait=data_wait)
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +584,7 @@ def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer):
 @torch.no_grad()
 def val_losses(raw_model, val_batches, device, autocast):
     """Prediction loss on fixed val images and fixed masks with the true captions, captions shuffled
-    across images, and no captions: the cheapest sign that the text is used (PAPER.md sec. 3)."""
+    across images, and no captions: the cheapest sign that the text is used (notes/paper.md §2.5)."""
     raw_model.eval()
     sums = dict(true=0.0, shuffled=0.0, none=0.0)
     n_total = sum(len(b["images"]) for b in val_batches)
@@ -342,44 +685,114 @@ def probes(raw_model, train_set, val_set, n_train, device, autocast):
     res["img_shape_ap"] = average_precision(scores[:, :ns], ate[:, :ns])
     res["img_color_ap"] = average_precision(scores[:, ns:ns + nc], ate[:, ns:ns + nc])
     res["img_count_acc"] = class_probe(gtr, atr[:, ns + nc:].argmax(1), gte, ate[:, ns + nc:].argmax(1), 4)
+    res["rankme"] = rankme(gte)
     return res
 
 
-def benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0, data_wait):
+def rankme(feats, eps=1e-7):
+    """Effective rank of (n, D) features (RankMe, Garrido et al. 2023): exp of the entropy of the
+    normalized singular values. A label-free collapse monitor: it falls when features collapse."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, step, log_path):
+    """Validation losses on every rank (they are cheap), probes on rank 0; rank 0 logs and prints."""
+    v = val_losses(raw_model, val_batches, rt.device, rt.autocast)
+    rec = dict(step=step, val_true=v["true"], val_shuffled=v["shuffled"], val_none=v["none"])
+    if rt.master and tcfg.dataset == "shapes":
+        rec.update(probes(raw_model, train_set, val_set, tcfg.probe_train, rt.device, rt.autocast))
+    if rt.master:
+        append_log(log_path, rec)
+        print(f"step {step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items() if k != "step"))
+    return rec
+
+
+def init_probes(mcfg, tcfg, train_set, val_set, rt, log_path, final):
+    """The same probes on the very same encoder at initialization (random features are a strong
+    baseline), printed beside the trained ones and logged."""
+    init, _ = build_model(mcfg, tcfg, rt)
+    res = probes(init, train_set, val_set, tcfg.probe_train, rt.device, rt.autocast)
+    print("\nlinear probes on the frozen target encoder (shapes val):")
+    print(f"{'probe':<18}{'random init':>12}{'trained':>10}")
+    for k, x in res.items():
+        print(f"{k:<18}{x:>12.4f}{final[k]:>10.4f}")
+    append_log(log_path, dict(step=0, init_probes=res))
+
+
+# -----------------------------------------------------------------------------
+# --bench: honest timing (warm-up outside the timed region, synchronized)
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+def peak_flops(rt):
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def benchmark(model, raw_model, opt, next_batch, tcfg, mcfg, rt):
     """--bench N: warm-up steps (compilation, allocator) outside the timed region, then N timed
     steps between two synchronizations. Also counts recompilations after the warm-up and the time
-    blocked on the DataLoader (data_wait[0], seconds): near 0 when the loader keeps up."""
+    blocked on the DataLoader: near 0 when the loader keeps up."""
     import torch._dynamo.utils as dynamo_utils
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     for step in range(tcfg.bench_warmup):
-        train_step(step)
+        train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt)
     sync()
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    flops, n_img, data_wait[0], t0 = 0.0, 0, 0.0, time.perf_counter()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    flops, n_img, wait, t0 = 0.0, 0, 0.0, time.perf_counter()
     for step in range(tcfg.bench_warmup, tcfg.bench_warmup + tcfg.bench):
-        _, n, shapes = train_step(step)
-        flops += raw_model.flops_per_image(*shapes) * n
-        n_img += n
+        out = train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt)
+        flops += raw_model.flops_per_image(*out["shapes"]) * out["n_img"]
+        n_img, wait = n_img + out["n_img"], wait + out["data_wait"]
     sync()
-    dt = time.perf_counter() - t0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    dt, peak = time.perf_counter() - t0, peak_flops(rt)
     rec = dict(text_cond=mcfg.text_cond, img_size=mcfg.img_size, width=mcfg.width, batch_size=tcfg.batch_size,
-               compile=tcfg.compile, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               compile=rt.compile, device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(), workers=tcfg.num_workers, torch=torch.__version__, steps=tcfg.bench,
-               ms_per_step=1000 * dt / tcfg.bench, img_per_s=n_img / dt,
-               data_wait_ms_per_step=1000 * data_wait[0] / tcfg.bench,
-               peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-               mfu=flops / dt / world / peak_flops if peak_flops else None,
+               ms_per_step=1000 * dt / tcfg.bench, img_per_s=n_img / dt, data_wait_ms_per_step=1000 * wait / tcfg.bench,
+               peak_mem_gb=torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else None,
+               mfu=flops / dt / rt.world / peak if peak else None,
                recompiles_after_warmup=dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
-    print0("bench " + json.dumps(rec))
+    rt.print0("bench " + json.dumps(rec))
     return rec
 
 
 # -----------------------------------------------------------------------------
-# main
+# main: the phases of a run
+
+NEVER = 2**62  # first_bad's value while every step has been finite
+EXIT_STOPPED = 75  # stopped by a signal after saving: resume (EX_TEMPFAIL, "try again later")
+
+
+def log_record(done, vals, tcfg, raw_model, shapes, dt, n_steps, imgs, wait, rt):
+    """The log line at step `done` (1-based) over the n_steps since the last one."""
+    lr, wd, momentum = schedules(done - 1, tcfg)
+    peak = peak_flops(rt)
+    flops = raw_model.flops_per_image(*shapes) * imgs / dt / rt.world  # (Nc, Nt) of the last batch
+    return dict(step=done, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
+                ms_per_step=1000 * dt / n_steps, img_per_s=imgs / dt, mfu=flops / peak if peak else None,
+                data_wait_ms=1000 * wait / n_steps)  # blocked on the loader: ~0 when it keeps up
+
+
+def describe(tcfg, mcfg, train_set, raw_model, rt):
+    """The effective configuration in a few lines (every field is in the first record of log.jsonl)."""
+    m, n_params = mcfg, sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    text = (f"text_cond cross, {m.n_captions} captions x {m.max_words} words, lambda {m.sparse_coef:g} beta "
+            f"{m.consist_coef:g}" if m.text_cond == "cross" else "text_cond none (I-JEPA)")
+    return (f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | {rt.world} x "
+            f"{rt.device.type} | batch {tcfg.batch_size} x {rt.world} x {tcfg.grad_accum} accum = "
+            f"{tcfg.batch_size * rt.world * tcfg.grad_accum} | torch {torch.__version__}\n"
+            f"{tcfg.max_steps} steps, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps} from {tcfg.start_lr:g}, cosine to "
+            f"{tcfg.final_lr:g}), weight decay {tcfg.weight_decay:g} -> {tcfg.final_weight_decay:g}, EMA "
+            f"{tcfg.ema_start:g} -> {tcfg.ema_end:g}, compile {'on' if rt.compile else 'off'}\n"
+            f"model {n_params / 1e6:.2f}M trainable params: ViT {m.width}x{m.depth} ({m.heads} heads), patch "
+            f"{m.patch_size} at {m.img_size} px, predictor {m.pred_width}x{m.pred_depth} | {text}")
 
 
 def main(argv=None):
@@ -387,268 +800,123 @@ def main(argv=None):
     if tcfg.num_workers < 0:
         tcfg = dataclasses.replace(tcfg, num_workers=auto_workers())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in DataLoader workers
+    rt = setup(tcfg)
 
-    # ---- distributed setup (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
-    ddp = "RANK" in os.environ
-    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        cpu_group = dist.new_group(backend="gloo")  # for the stop flag, a CPU tensor
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    print0 = print if master else (lambda *a, **k: None)
-    torch.manual_seed(tcfg.seed)
-
-    # ---- data and tokenizer
-    os.makedirs(tcfg.out_dir, exist_ok=True)
-    if tcfg.dataset == "shapes":
-        kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout, captions=tcfg.shapes_captions)
-        train_set = data.ShapesDataset("train", size=tcfg.shapes_size, **kw)
-        val_set = data.ShapesDataset("val", **kw)
-    else:
-        train_set = data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size)
-        val_set = data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size)
-    ckpt = None
+    # ---- data, checkpoint, tokenizer
+    if not tcfg.bench:  # a benchmark leaves out_dir as it was
+        prepare_out_dir(tcfg.out_dir)
+    train_set, val_set = datasets(tcfg, mcfg)
     resume = os.path.join(tcfg.out_dir, "ckpt.pt") if tcfg.resume == "auto" else tcfg.resume
-    if resume and os.path.exists(resume):
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
-    elif tcfg.resume and tcfg.resume != "auto":
-        raise data.DataError(f"--resume {tcfg.resume}: no such checkpoint")
-    # the tokenizer: a resumed run takes the checkpoint's own; a fresh run trains one on its training
-    # captions (never reusing a tokenizer.json that another run left in out_dir), unless --tokenizer
-    if ckpt is not None and "tokenizer_json" in ckpt:
-        tokenizer = data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
-        if tcfg.tokenizer and data.load_tokenizer(tcfg.tokenizer).get_vocab() != tokenizer.get_vocab():
-            raise data.DataError(f"--tokenizer {tcfg.tokenizer} is not the tokenizer {resume} was trained with: "
-                                 f"drop --tokenizer (the checkpoint carries its own)")
-    elif ckpt is not None:  # checkpoints before 2026-11-29 name a file: --tokenizer, that file, or the one beside
-        named = ckpt["tokenizer"]
-        named = named if os.path.exists(named) else os.path.join(os.path.dirname(resume), "tokenizer.json")
-        tokenizer = data.load_tokenizer(tcfg.tokenizer or named)
-    elif tcfg.tokenizer:
-        tokenizer = data.load_tokenizer(tcfg.tokenizer)
-    elif tcfg.bench:  # a benchmark leaves out_dir as it was: its tokenizer stays in memory
-        tokenizer = data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size)
-    else:
-        tok_path = os.path.join(tcfg.out_dir, "tokenizer.json")
-        if master:
-            data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, tok_path)
-        if ddp:
-            dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
-        tokenizer = data.load_tokenizer(tok_path)
+    ckpt = load_checkpoint(resume) if resume and (tcfg.resume != "auto" or os.path.exists(resume)) else None
+    if tcfg.eval_only and ckpt is None:
+        raise data.DataError("--eval_only needs --resume <checkpoint>")
+    tokenizer = choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt)
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
+    if mcfg.text_cond == "cross":
+        check_captions(train_set, tokenizer)
     collate = data.Collate(tokenizer, mcfg.n_captions, mcfg.max_words)
 
-    # ---- model, optimizer, compile, DDP
-    torch.manual_seed(tcfg.seed)  # the same init for the same seed (the random-init probe rebuilds it)
-    model = TCJEPA(mcfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
-    opt = torch.optim.AdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=tcfg.lr, betas=(0.9, 0.999), fused=use_cuda)
-    start_step = 0
+    # ---- model, optimizer, resume
+    raw_model, opt = build_model(mcfg, tcfg, rt)
+    start_step = restore(raw_model, opt, ckpt, tcfg, mcfg, rt) if ckpt is not None else 0
+    model = wrap(raw_model, rt)
+    rt.print0(describe(tcfg, mcfg, train_set, raw_model, rt))
     if ckpt is not None:
-        diff = {k: v for k, v in ckpt["model_config"].items() if getattr(mcfg, k, None) != v}
-        if diff:
-            raise data.DataError(f"--resume: the checkpoint's model differs in {diff}: give the same model flags")
-        changed = [k for k, v in ckpt["train_config"].items()
-                   if k not in ("resume", "eval_only", "bench") and getattr(tcfg, k, None) != v]
-        if changed:
-            print0(f"resuming with changed training flags: " + ", ".join(
-                f"{k} {ckpt['train_config'][k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"] + 1
-        torch.set_rng_state(ckpt["rng"])
-        print0(f"resumed from {resume} at step {start_step}")
-    raw_model = model  # uncompiled: checkpoints and the EMA update use it (no "_orig_mod." keys)
-    if tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda):
-        model = torch.compile(model)
-    if ddp:  # DDP around the compiled model, as torch's docs advise (dynamo then splits the graph at
-        # DDP's buckets so the all-reduce overlaps the backward); buffers are constant: no broadcast
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
-    n_params = sum(p.numel() for p in decay + no_decay)
-    print0(f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | "
-           f"model {n_params / 1e6:.2f}M trainable params | text_cond={mcfg.text_cond} | {world} x {device.type} | "
-           f"torch {torch.__version__}")
+        rt.print0(f"resumed from {resume} at step {start_step}")
+    log_path, ckpt_path = os.path.join(tcfg.out_dir, "log.jsonl"), os.path.join(tcfg.out_dir, "ckpt.pt")
+    if start_step >= tcfg.max_steps and not tcfg.eval_only:
+        rt.print0(f"{resume} has already finished its {tcfg.max_steps} steps: nothing to train "
+                  f"(--eval_only true evaluates it; a larger --max_steps trains on)")
+        return "done"
+    if rt.master and not (tcfg.bench or tcfg.eval_only):  # a fresh log; a resumed one loses what came after ckpt
+        open(log_path, "w").close() if start_step == 0 else trim_log(log_path, start_step)
+        append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
+                                  start_step=start_step, world=rt.world))
 
     # ---- loaders: the train stream, and fixed val batches with fixed masks
-    sampler = StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rank, world, start_step, tcfg.grad_accum)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=tcfg.num_workers, pin_memory=use_cuda,
-                                         persistent_workers=tcfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
-    val_batches = []
-    n_val = min(tcfg.val_size, len(val_set))
-    for i in range(0, n_val, tcfg.batch_size):
-        keys = [(j, 1000 + j) for j in range(i, min(n_val, i + tcfg.batch_size))]
-        b = collate([val_set[k] for k in keys])
-        b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, seeded(tcfg.seed, 10**9, i))  # unreadable ones dropped
-        val_batches.append(b)
-
-    # ---- training loop
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
-    if master and start_step == 0 and not tcfg.eval_only and not tcfg.bench:
-        open(log_path, "w").close()  # a fresh run starts a fresh log; a resumed one appends
-    ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
-        signal.signal(sig, lambda s, f: stop.update(signal=signal.Signals(s).name))
-    peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-    gpu = torch.cuda.get_device_name(device) if use_cuda else ""
-    peak_flops = next((v for k, v in peak.items() if k in gpu), None)
-    def evaluate(at_step):
-        v = val_losses(raw_model, val_batches, device, autocast)
-        rec = dict(step=at_step, val_true=v["true"], val_shuffled=v["shuffled"], val_none=v["none"])
-        if master and tcfg.dataset == "shapes":
-            rec.update(probes(raw_model, train_set, val_set, tcfg.probe_train, device, autocast))
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"step {at_step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items() if k != "step"))
-        return rec
-
+    val_batches = make_val_batches(val_set, collate, tcfg, mcfg)
     if tcfg.eval_only:
-        if ckpt is None:
-            raise data.DataError("--eval_only needs --resume <checkpoint>")
-        evaluate(start_step)
-        return
-
-    data_iter = iter(loader)
-    # --bench_one_batch: every step reuses one batch, which times the step alone, without the loader
-    one_batch = next(data_iter) if tcfg.bench and tcfg.bench_one_batch else None
-    dynamic = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
-    running = None  # loss parts summed on the device since the last log line (no sync per step)
-    never = 2**62
-    first_bad = torch.tensor(never, device=device)  # first step with a non-finite loss, kept on the device
-    t0, t_excl, imgs, log_start, last_good = time.time(), 0.0, 0, start_step, None
-    data_wait = [0.0]  # seconds blocked on the loader since the last log line (does the loader keep up?)
-    def train_step(step):
-        """One optimizer step of grad_accum micro-steps. Returns the loss parts summed over the
-        micro-steps (on the device: no sync), the images seen and the last (Nc, Nt)."""
-        lr, wd, momentum = schedules(step, tcfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.param_groups[0]["weight_decay"] = wd
-        total, n_img = 0.0, 0
-        for micro in range(tcfg.grad_accum):
-            t_wait = time.perf_counter()
-            batch = one_batch if one_batch is not None else next(data_iter)
-            data_wait[0] += time.perf_counter() - t_wait
-            B = batch["images"].size(0)
-            ctx, tgt = sample_masks(B, mcfg, seeded(tcfg.seed, step, rank, micro, 3))  # on CPU: no GPU sync
-            images, tokens, wm, ctx, tgt = (x.to(device, non_blocking=True) for x in
-                                            (batch["images"], batch["tokens"], batch["word_mask"], ctx, tgt))
-            if tcfg.shuffle_captions:  # control: every image gets the captions of its neighbour
-                tokens, wm = tokens.roll(1, 0), wm.roll(1, 0)
-            if dynamic:  # block sizes change per batch: one compiled graph for all of them
-                torch._dynamo.mark_dynamic(ctx, 1)
-                torch._dynamo.mark_dynamic(tgt, 2)
-            if ddp:  # all-reduce gradients on the last micro-step only (nanoGPT's idiom)
-                model.require_backward_grad_sync = micro == tcfg.grad_accum - 1
-            with autocast:
-                out = model(images, ctx, tgt, tokens, wm)
-            (out["loss"] / tcfg.grad_accum).backward()
-            total = total + torch.stack([out[k].detach().float() for k in LOGGED])
-            n_img += B * world
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        raw_model.update_target(momentum)
-        return total, n_img, (ctx.size(1), tgt.size(2))
-
+        evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, start_step, log_path)
+        return "done"
+    data_iter = iter(make_loader(train_set, collate, tcfg, rt, start_step))
+    one = next(data_iter) if tcfg.bench and tcfg.bench_one_batch else None  # the step alone, no loader
+    next_batch = (lambda: one) if one is not None else (lambda: next(data_iter))
     if tcfg.bench:
-        return benchmark(train_step, raw_model, tcfg, mcfg, device, peak_flops, print0, data_wait)
+        return benchmark(model, raw_model, opt, next_batch, tcfg, mcfg, rt)
 
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
-
-    status = "running"
+    # ---- the training loop
+    from tqdm import tqdm
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout) if rt.master else None
+    status, bad_step, final = "done", None, None
+    last_good = f"{resume} (step {start_step})" if ckpt is not None else None
+    running, first_bad = None, torch.tensor(NEVER, device=rt.device)  # summed on the device: no sync per step
+    t0, paused, imgs, wait, since = time.time(), 0.0, 0, 0.0, start_step
     for step in range(start_step, tcfg.max_steps):
-        parts, n_img, shapes = train_step(step)
-        running = parts if running is None else running + parts
-        first_bad = torch.where(parts[0].isfinite(), first_bad, first_bad.clamp(max=step + 1))
-        imgs += n_img
+        out = train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt)
+        running = out["parts"] if running is None else running + out["parts"]
+        first_bad = torch.where(out["finite"], first_bad, first_bad.clamp(max=step + 1))
+        imgs, wait, done = imgs + out["n_img"], wait + out["data_wait"], step + 1
         if bar:
             bar.update(1)
-        last = step == tcfg.max_steps - 1
-        check = last or any((step + 1) % k == 0 for k in (tcfg.log_every, tcfg.eval_every, tcfg.save_every))
-        stopping = stop["signal"] is not None and not ddp
-        if ddp and (check or (step + 1) % 10 == 0):  # ranks stop together; torchrun kills 30 s after its signal
-            flag = torch.tensor(float(stop["signal"] is not None))  # on the CPU: no GPU sync
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)  # a signal on any rank stops all
-            stopping = bool(flag)
-        if not (check or stopping):
+        stopping = stop_requested(rt)
+        due = {k: done % getattr(tcfg, f"{k}_every") == 0 or done == tcfg.max_steps for k in ("log", "eval", "save")}
+        if not (stopping or any(due.values())):
             continue
-        # ---- a check point: the ranks agree on NaN, then log, evaluate, save
-        if ddp:
+        # ---- a check point: the ranks agree on the first non-finite step, then log, evaluate, save
+        if rt.ddp:
             dist.all_reduce(running, op=dist.ReduceOp.AVG)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        if first_bad.item() < never:  # weights after a NaN are not saved
-            print0(f"\nloss is not finite at step {first_bad.item()}: stopping without saving. "
-                   f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
-            status = "nan"
+        if first_bad.item() < NEVER:  # nothing after a non-finite step is logged or saved
+            status, bad_step = "nan", first_bad.item()
             break
-        n = step + 1 - log_start
-        vals = (running / (n * tcfg.grad_accum)).tolist()
-        lr, wd, momentum = schedules(step, tcfg)
-        if use_cuda:
+        if rt.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.time() - t0 - t_excl  # eval and checkpoint time is not step time
-        flops = raw_model.flops_per_image(*shapes) * imgs / dt / world  # (Nc, Nt) of the last batch
-        rec = dict(step=step + 1, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
-                   ms_per_step=1000 * dt / n, img_per_s=imgs / dt, mfu=flops / peak_flops if peak_flops else None,
-                   data_wait_ms=1000 * data_wait[0] / n)  # blocked on the loader: ~0 when it keeps up
-        running, t0, t_excl, imgs, log_start, data_wait[0] = None, time.time(), 0.0, 0, step + 1, 0.0
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        n = done - since
+        rec = log_record(done, (running / (n * tcfg.grad_accum)).tolist(), tcfg, raw_model, out["shapes"],
+                         time.time() - t0 - paused, n, imgs, wait, rt)  # eval and save time is not step time
+        running, t0, paused, imgs, wait, since = None, time.time(), 0.0, 0, 0.0, done
+        if rt.master:
+            append_log(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         t_pause = time.time()
-        if (step + 1) % tcfg.eval_every == 0 or last:
-            evaluate(step + 1)
-        if (step + 1) % tcfg.save_every == 0 or last or stopping:
-            if master:
+        if due["eval"]:
+            final = evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, done, log_path)
+        if due["save"] or stopping:
+            if not all_finite(raw_model.state_dict(), opt.state_dict()):  # the same on every rank
+                status, bad_step = "nan", done
+                break
+            if rt.master:
                 save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tokenizer)
-            last_good = f"{ckpt_path} (step {step + 1})"
-        t_excl += time.time() - t_pause
+            last_good = f"{ckpt_path} (step {done})"
+        paused += time.time() - t_pause
         if stopping:
-            print0(f"\n{stop['signal'] or 'signal on another rank'}: saved {ckpt_path} at step {step + 1}; "
-                   f"continue with --resume {ckpt_path}")
             status = "stopped"
             break
-    else:
-        status = "done"
     if bar:
         bar.close()
-    if master and tcfg.dataset == "shapes" and status == "done":
-        torch.manual_seed(tcfg.seed)  # the very same encoder at initialization: random features are a strong baseline
-        init = probes(TCJEPA(mcfg).to(device), train_set, val_set, tcfg.probe_train, device, autocast)
-        final = json.loads(open(log_path).read().strip().splitlines()[-1])
-        print("\nlinear probes on the frozen target encoder (shapes val):")
-        print(f"{'probe':<18}{'random init':>12}{'trained':>10}")
-        for k, x in init.items():
-            print(f"{k:<18}{x:>12.4f}{final.get(k, float('nan')):>10.4f}")
-        with open(log_path, "a") as f:
-            f.write(json.dumps(dict(step=0, init_probes=init)) + "\n")
-    print0(f"checkpoint: {ckpt_path}\nlog: {log_path}")
-    if ddp:
-        dist.barrier()
+
+    # ---- finish: the probes at initialization, and a last line that says what happened
+    if status == "done" and rt.master and tcfg.dataset == "shapes":
+        init_probes(mcfg, tcfg, train_set, val_set, rt, log_path, final)
+    if rt.ddp:
         dist.destroy_process_group()
+    if status == "nan":
+        raise data.DataError(f"loss or gradient not finite at step {bad_step}: stopped, nothing after step "
+                             f"{bad_step - 1} was saved. Last good checkpoint: {last_good or 'none'}. Lower --lr "
+                             f"(now {tcfg.lr:g}) and resume from it with --resume, or start again")
+    if status == "stopped":
+        rt.print0(f"{rt.stop_signal or 'a signal on another rank'}: saved {ckpt_path} at step {done}; continue "
+                  f"with --resume {ckpt_path} (exit code {EXIT_STOPPED})")
+    else:
+        rt.print0(f"finished {tcfg.max_steps} steps. checkpoint: {ckpt_path}\nlog: {log_path}")
+    return status
 
 
 if __name__ == "__main__":
     code = 0
     try:
-        main()
+        code = EXIT_STOPPED if main() == "stopped" else 0
     except data.DataError as e:  # from a DataLoader worker it comes wrapped in its traceback: keep the last line
         code = "error: " + str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
         e.__traceback__ = None
