@@ -929,6 +929,188 @@ def test_train_stops_on_nan_naming_the_step(tmp_path, monkeypatch, capsys):
     assert ckpt["step"] + 1 == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_update_that_goes_non_finite_is_never_saved(tmp_path):
+    """lr 1e4 blows the weights up within a few steps: the run exits 1 with one line naming the last
+    good checkpoint, which exists and holds only finite tensors."""
+    d = tmp_path / "nan"
+    out = run_train(*TINY, "--max_steps", "30", "--lr", "1e4", "--start_lr", "1e4", "--warmup_steps", "0",
+                    "--save_every", "1", "--log_every", "1", "--out_dir", str(d), check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith("error: loss or gradient not finite at step "), out.stderr[-1500:]
+    assert "Lower --lr" in last and "Traceback" not in out.stderr
+    bad = int(last.split("at step ")[1].split(":")[0])
+    if bad > 1:
+        assert f"Last good checkpoint: {d}/ckpt.pt (step {bad - 1})" in last
+        ckpt = torch.load(d / "ckpt.pt", weights_only=False)
+        assert ckpt["step"] + 1 == bad - 1 and train.all_finite(ckpt["model"], ckpt["optimizer"])
+    else:
+        assert "Last good checkpoint: none" in last and not (d / "ckpt.pt").exists()
+    assert max(train_log(d)) < bad  # nothing of the bad step or after is logged
+
+
+def test_torchrun_sigterm_with_slow_steps_saves_and_resumes_exactly(tmp_path):
+    """Steps of 3 s: the ranks agree on a stop every step, so rank 0 saves within a step of the
+    signal, long before torchrun's 30 s; the resumed run matches an uninterrupted one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    args = [*TINY, "--max_steps", "5", "--num_workers", "1"]
+    full = subprocess.run([*torchrun, *args, "--out_dir", str(tmp_path / "full")], capture_output=True, text=True,
+                          env=ENV, cwd=here, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    d = str(tmp_path / "slow")
+    proc = subprocess.Popen([*torchrun, *args, "--out_dir", d], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**ENV, "TCJEPA_TEST_SLOW_STEP": "3"}, cwd=here)
+    deadline = time.time() + 240
+    while not (os.path.exists(f"{d}/log.jsonl") and len(train_log(d)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    t_signal = time.time()
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert time.time() - t_signal < 15, "saved within a step or two of the signal"
+    assert "SIGTERM: saved" in text and "exit code 75" in text and "forcefully" not in text, text[-3000:]
+    stopped = torch.load(f"{d}/ckpt.pt", weights_only=False)["step"] + 1
+    assert 1 <= stopped < 5
+    resumed = subprocess.run([*torchrun, *args, "--out_dir", d, "--resume", f"{d}/ckpt.pt"], capture_output=True,
+                             text=True, env=ENV, cwd=here, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = train_log(tmp_path / "full"), train_log(d)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for s in range(stopped + 1, 6):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), s
+
+
+def test_resume_after_a_kill_and_of_a_finished_run(tmp_path):
+    d = tmp_path / "r"
+    run_train(*TINY, "--max_steps", "4", "--save_every", "2", "--out_dir", str(d))
+    shutil.copy(d / "ckpt.pt", tmp_path / "at4.pt")
+    before = open(d / "log.jsonl").read()
+    out = run_train(*TINY, "--max_steps", "4", "--out_dir", str(d), "--resume", "auto")
+    assert "has already finished its 4 steps" in out.stdout and open(d / "log.jsonl").read() == before
+    run_train(*TINY, "--max_steps", "6", "--out_dir", str(d), "--resume", "auto")
+    first = train_log(d)
+    # as if killed after logging steps 5 and 6 but before saving: the checkpoint is at step 4 again
+    shutil.copy(tmp_path / "at4.pt", d / "ckpt.pt")
+    run_train(*TINY, "--max_steps", "6", "--out_dir", str(d), "--resume", "auto")
+    recs = [json.loads(line) for line in open(d / "log.jsonl")]
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6], steps  # no duplicates
+    assert sum("init_probes" in r for r in recs) == 1 and "config" in recs[0]
+    assert train_log(d)[6]["loss"] == pytest.approx(first[6]["loss"], rel=1e-5, abs=1e-6)
+    assert not list(d.glob("*.tmp"))
+
+
+def test_first_log_record_is_the_effective_config(tmp_path):
+    d = tmp_path / "c"
+    run_train(*TINY, "--max_steps", "2", "--num_workers", "-1", "--out_dir", str(d))
+    first = json.loads(open(d / "log.jsonl").readline())
+    assert set(first["config"]) == {"train", "model"}
+    assert first["config"]["train"]["num_workers"] == train.auto_workers()  # the automatic choice, resolved
+    assert first["config"]["model"]["sparse_coef"] == 0.0 and first["config"]["train"]["max_steps"] == 2
+    assert {f.name for f in train.dataclasses.fields(TCJEPAConfig)} == set(first["config"]["model"])
+
+
+def test_help_shows_the_defaults_each_preset_uses():
+    help_text = " ".join(subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
+    assert "lambda, weight of the sparsity loss (paper: 0.1); default 0.0 (vit_b16, coco: 0.1)" in help_text
+    assert "peak learning rate (I-JEPA: 1e-3 at batch 2048); default 0.002 (coco: 0.001)" in help_text
+    assert "optimizer steps; default 1000 (shapes_long: 4000; coco: 20000)" in help_text
+    for preset in train.PRESETS:  # and what each preset really sets is what parse_args gives
+        t, m = train.parse_args(["--preset", preset])
+        for k, v in {**train.PRESETS[preset][0], **train.PRESETS[preset][1]}.items():
+            assert getattr(t if hasattr(t, k) else m, k) == v
+
+
+def _main_error(argv):
+    """The one-line message and the exit of train.main for a bad input (in-process: no torch import)."""
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        return str(e.code)
+    except train.data.DataError as e:
+        return "error: " + str(e)
+    raise AssertionError("no error")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--lr", "nan"], "--lr must be at least 0, got nan"),
+    (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
+    (["--heads", "0"], "--heads must be at least 1"),
+    (["--patch_size", "0"], "--patch_size must be at least 1"),
+    (["--n_captions", "0"], "--n_captions must be at least 1"),
+    (["--n_targets", "0"], "--n_targets must be at least 1"),
+    (["--img_size", "0"], "--img_size must be at least 1"),
+    (["--max_words", "0"], "--max_words must be at least 1"),
+    (["--ema_start", "1.5"], "--ema_start must be in [0, 1], got 1.5"),
+    (["--target_scale", "0.3", "0.2"], "--target_scale takes a range low high"),
+    (["--pred_depth", "0"], "--text_cond cross needs a predictor layer"),
+    (["--shapes_layout", "pairs"], "--shapes_captions: mixed goes with --shapes_layout grid3"),
+])
+def test_bad_numbers_stop_before_anything_is_built(flags, needle):
+    msg = _main_error(flags)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_bad_paths_and_files_stop_with_one_line(tmp_path, coco_dir):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    run_train(*TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "ok"))
+    good = (tmp_path / "ok" / "ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    out = str(tmp_path / "o")
+    cases = [
+        (["--resume", str(tmp_path / "empty.pt"), "--out_dir", out], "not a readable checkpoint"),
+        (["--resume", str(tmp_path / "garbage.pt"), "--out_dir", out], "not a readable checkpoint"),
+        (["--resume", str(tmp_path / "truncated.pt"), "--out_dir", out], "not a readable checkpoint"),
+        (["--resume", str(tmp_path / "foreign.pt"), "--out_dir", out], "not a train.py checkpoint"),
+        (["--out_dir", str(tmp_path / "afile")], "is not a writable folder"),
+        (["--out_dir", str(tmp_path / "afile" / "below")], "is not a writable folder"),
+    ]
+    shutil.rmtree(coco_dir / "train2017")
+    (coco_dir / "train2017").write_text("not a folder")
+    cases.append((["--dataset", "coco", "--data_dir", str(coco_dir), "--out_dir", out], "train2017 is not a folder"))
+    for flags, needle in cases:
+        msg = _main_error([*TINY, *flags])
+        assert msg.startswith("error: ") and needle in msg and "\n" not in msg, (flags, msg)
+    # the same through the command line: one line on stderr, exit code 1, no traceback
+    p = run_train(*TINY, "--resume", str(tmp_path / "garbage.pt"), "--out_dir", out, check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "not a readable" in p.stderr
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    d = tmp_path / "full"
+    train.main([*TINY, "--max_steps", "2", "--out_dir", str(d)])
+    before = (d / "ckpt.pt").read_bytes()
+    real_save, names = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        names.append(str(f))
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(train.data.DataError) as e:
+        train.main([*TINY, "--max_steps", "4", "--out_dir", str(d), "--resume", str(d / "ckpt.pt")])
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert "No space left on device" in str(e.value) and "previous checkpoint is kept" in str(e.value)
+    assert (d / "ckpt.pt").read_bytes() == before and not list(d.glob("*.tmp"))
+    assert names and all(f".{os.getpid()}.tmp" in n for n in names)  # temp files are unique per process
+
+
+def test_captions_without_words_stop_text_conditioning(coco_dir, tmp_path):
+    ids = [1, 2, 3, 4, 6]
+    _dump(coco_dir / "annotations" / "captions_train2017.json", ids, [(i, "!!! ...") for i in ids])
+    coco = ["--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "1", "--num_workers", "0"]
+    msg = _main_error([*TINY, *coco, "--out_dir", str(tmp_path / "w")])
+    assert "none of 5 sampled training images has a caption" in msg and "--text_cond none" in msg
+    _dump(coco_dir / "annotations" / "captions_train2017.json", ids, [(1, "a red bus")] + [(i, "?") for i in ids[1:]])
+    out = run_train(*TINY, *coco, "--out_dir", str(tmp_path / "w2"))
+    assert "only 1 of 5 sampled training images have a usable caption" in out.stderr
+
+
 def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
     """--bench times steps after the warm-up and reports how long the step waited for data: a
     loader slowed by 60 ms per batch must show up as >= 60 ms of wait in every timed step."""
