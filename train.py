@@ -407,10 +407,12 @@ def append_log(path, rec):
 
 
 def trim_log(path, step):
-    """Resuming at `step`: drop the records a killed run wrote after its checkpoint (atomically)."""
+    """Resuming at `step`: drop the records a killed run wrote after its checkpoint, and the probes at
+    initialization that a finished run wrote last (the resumed run writes them again when it ends)."""
     if not os.path.exists(path):
         return
-    keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    keep = [json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= step and "init_probes" not in r]
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
