@@ -6,8 +6,10 @@ Two sources of (image, captions):
                  with 5 captions and per-pixel ground truth (shape_map, color_map) for probes.
                  Rendered on the fly, a whole batch in one vectorized call.
   CocoCaptions   the real COCO 2017 captions layout, with I-JEPA's crop augmentation.
-Then a word-level tokenizer, Collate (picks and tokenizes captions into a batch), and patch_labels
-(one majority label per ViT patch, for dense probes).
+Then a word-level tokenizer, Collate (picks and tokenizes captions into a batch), patch_labels
+(one majority label per ViT patch, for dense probes), and the ground truth of the COCO probes:
+read_instances, instance_label_map (polygons and crowd RLE), caption-word targets, CocoProbeSet
+(the fixed evaluation view). json, PIL and torch only: no pycocotools.
 
 Shape legend: B batch, C captions per image, S words per caption, H/W pixels, N objects in a batch.
 A dataset key is an int index or a tuple (index, sample_seed); all randomness of an item comes
@@ -301,6 +303,20 @@ class ShapesDataset(torch.utils.data.Dataset):
 # COCO captions
 
 
+def _open_rgb(path):
+    """PIL RGB image, or None (with a line on stderr) when the file cannot be decoded (as CocoCaptions)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: convert("RGB") would clip at 255
+                im = im.convert("I").point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
+        return None
+
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """COCO 2017 captions from the official layout: <data_dir>/{train,val}2017/*.jpg and
     <data_dir>/annotations/captions_{train,val}2017.json. Images without captions or missing from
@@ -325,7 +341,7 @@ class CocoCaptions(torch.utils.data.Dataset):
         for a in annotations:
             caps[a["image_id"]].append(a["caption"].strip())
         on_disk = {e.name for e in os.scandir(img_dir)}  # one directory scan, not one stat per image
-        self.files, self.captions = [], []
+        self.files, self.captions, self.ids = [], [], []
         no_caps = missing = 0
         for im in sorted(images, key=lambda im: im["id"]):
             if not caps.get(im["id"]):
@@ -335,6 +351,7 @@ class CocoCaptions(torch.utils.data.Dataset):
             else:
                 self.files.append(str(img_dir / im["file_name"]))
                 self.captions.append(caps[im["id"]])
+                self.ids.append(im["id"])
         if not self.files:
             raise DataError(f"no usable COCO images: none of the {len(images)} images in {ann} is both "
                             f"captioned and present in {img_dir}. {fix}")
@@ -347,16 +364,9 @@ class CocoCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = _split_key(key)
-        path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: convert("RGB") would clip at 255
-                    im = im.convert("I").point(lambda v: v / 256).convert("L")
-                img = im.convert("RGB")  # handles grayscale, CMYK, RGBA, palette
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        img = _open_rgb(self.files[index])
+        if img is None:
             self.n_unreadable += 1
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            print(f"skipping unreadable image {path}: {reason}", file=sys.stderr, flush=True)
             return None
         # I-JEPA augmentation: RandomResizedCrop(scale=(0.3, 1)), no flip (as I-JEPA's default, and a
         # flip would also contradict "left"/"right" in captions), no color jitter
@@ -422,15 +432,19 @@ def _crop_params(width, height, rng, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
 # tokenizer
 
 
+def _normalizer():
+    """NFD, strip accents, lowercase, punctuation and symbols -> space."""
+    return normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+                                 normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " ")])
+
+
 def train_tokenizer(captions, vocab_size, path=None):
     """Lowercased word-level tokenizer: one token per word, the vocab_size - 2 most frequent words
     of the captions (ties broken alphabetically, so ids are the same on every run; the `tokenizers`
     trainers number tokens in hash-map order). [PAD] is id 0, [UNK] id 1 for all other words.
     Punctuation and symbols are dropped, so they never become 'words' shared by every caption."""
     tok = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[\p{P}\p{S}]"), " ")])
+    tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     counts = Counter()
     for c in captions:
@@ -530,3 +544,206 @@ def patch_labels(label_map, patch_size):
     key = label_map.reshape(B, -1).long() * (h * w) + pid  # (B, H*W) one bin per (label, patch)
     counts = torch.zeros(B, K * h * w).scatter_add_(1, key, torch.ones(B, H * W))
     return counts.view(B, K, h * w).argmax(1)  # argmax returns the first maximum -> smallest label
+
+
+# =============================================================================
+# COCO evaluation: instance masks, per-patch labels, the categories present, caption-word targets
+
+
+def read_instances(path, image_ids=None):
+    """COCO instances_{train,val}2017.json -> (names, label_of, images, n_compressed).
+
+    names: the category names in id order (80 for COCO); label_of: category id -> label 1..len(names)
+    (ids run 1..90 with gaps); images: {image_id: dict(file_name, width, height, anns)} for the wanted
+    ids only (all when image_ids is None), anns a list of (label, area, segmentation, iscrowd);
+    n_compressed: crowd annotations with a compressed RLE (a string of counts), left out."""
+    path = Path(path)
+    fix = (f"probes need annotations/{path.name} from annotations_trainval2017.zip (cocodataset.org): "
+           f"unzip it into {path.parent.parent}")
+    if not path.is_file():
+        raise DataError(f"COCO instances not found: {path} is missing; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)  # the train file (448 MB) takes tens of seconds and a few GB here
+    except json.JSONDecodeError as e:
+        raise DataError(f"COCO instances unreadable: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                        f"{fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"COCO instances unreadable: {path}: {e}; {fix}") from None
+    try:
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        names, label_of = [c["name"] for c in cats], {c["id"]: k + 1 for k, c in enumerate(cats)}
+        wanted = None if image_ids is None else set(image_ids)
+        images = {im["id"]: dict(file_name=im["file_name"], width=im["width"], height=im["height"], anns=[])
+                  for im in data["images"] if wanted is None or im["id"] in wanted}
+        n_compressed = 0
+        for a in data["annotations"]:
+            rec = images.get(a["image_id"])
+            if rec is None:  # not wanted: nothing is built for it
+                continue
+            seg = a["segmentation"]
+            if isinstance(seg, dict) and isinstance(seg["counts"], str):
+                n_compressed += 1
+                continue
+            if not _valid_segmentation(seg, rec["height"], rec["width"]):
+                raise ValueError(f"annotation {a['id']} has a malformed segmentation")
+            rec["anns"].append((label_of[a["category_id"]], float(a["area"]), seg, int(a["iscrowd"])))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"COCO instances unexpected: {path} ({type(e).__name__}: {e}); is it an instances "
+                        f"file? {fix}") from None
+    return names, label_of, images, n_compressed
+
+
+def _valid_segmentation(seg, height, width):
+    """Polygons: lists of an even number of coordinates; RLE: a list of counts over the whole image."""
+    if isinstance(seg, list):
+        return all(isinstance(p, list) and len(p) % 2 == 0 for p in seg)
+    return (isinstance(seg, dict) and seg.get("size") == [height, width] and isinstance(seg.get("counts"), list)
+            and sum(seg["counts"]) == height * width)
+
+
+def instance_label_map(anns, height, width):
+    """(height, width) long map: 0 background, else the label (1..80) of the instance covering a pixel.
+
+    Overlaps: the SMALLER instance wins (by the annotation's `area`): instances are painted in order of
+    decreasing area, so a cup on a table stays a cup. A pixel belongs to a polygon when its centre
+    (x + 0.5, y + 0.5) is inside it, as COCO's own masks (pycocotools) do; PIL's ImageDraw.polygon also
+    paints the outline and truncates the vertices, which grows a mask by ~1 px on the right and bottom
+    (+21% area on 3-10 px objects). A polygon with several parts paints all of them. Labels < 256."""
+    out = torch.zeros(height, width, dtype=torch.uint8)  # a third of the memory traffic of long
+    for label, _, seg, _ in sorted(anns, key=lambda a: -a[1]):  # stable: equal areas keep file order
+        if isinstance(seg, dict):
+            out[_rle_mask(seg["counts"], *seg["size"])] = label
+        for part in seg if isinstance(seg, list) else []:
+            if len(part) >= 6:  # at least 3 points; COCO has a few degenerate 2-point "polygons"
+                _paint_polygon(out, part, label)
+    return out.long()
+
+
+def _rle_mask(counts, height, width):
+    """Uncompressed COCO RLE -> (height, width) bool: runs of 0s and 1s alternate, starting with 0s,
+    over the pixels in column-major (Fortran) order."""
+    values = torch.arange(len(counts)) % 2 == 1
+    return values.repeat_interleave(torch.tensor(counts)).view(width, height).T
+
+
+def _paint_polygon(out, xy, label):
+    """Sets out (H, W) to label at the pixels whose centre is inside the polygon xy = [x1, y1, x2, y2, ...]
+    (even-odd rule), by scanlines over its bounding box only."""
+    x1, y1 = torch.tensor(xy, dtype=torch.float64).view(-1, 2).unbind(1)  # (E,) edge starts
+    x2, y2 = x1.roll(1), y1.roll(1)  # (E,) edge ends
+    r0, r1 = max(0, math.floor(y1.min() - 0.5)), min(out.size(0), math.ceil(y1.max()))  # rows and columns
+    c0, c1 = max(0, math.floor(x1.min() - 0.5)), min(out.size(1), math.ceil(x1.max()))  # whose centre may be in
+    if r0 >= r1 or c0 >= c1:
+        return
+    yc = torch.arange(r0, r1, dtype=torch.float64)[:, None] + 0.5  # (R, 1) row centres
+    crosses = (y1 > yc) != (y2 > yc)  # (R, E) edges that cross the row's centre line
+    xs = torch.where(crosses, x1 + (yc - y1) * (x2 - x1) / (y2 - y1), math.inf)  # (R, E) where they cross
+    # a crossing at x toggles inside/outside from the first column whose centre is right of it,
+    # floor(x + 0.5); toggles past the box (and non-crossings) land in a spare last column
+    first = ((xs + 0.5).floor().clamp(c0, c1) - c0).long()  # (R, E)
+    toggles = torch.zeros(r1 - r0, c1 - c0 + 1, dtype=torch.uint8)
+    toggles.scatter_add_(1, first, torch.ones_like(first, dtype=torch.uint8))
+    inside = (toggles.cumsum(1, dtype=torch.uint8)[:, :-1] & 1).bool()  # (R, C) odd; a uint8 wraps, parity stays
+    out[r0:r1, c0:c1].masked_fill_(inside, label)
+
+
+# -----------------------------------------------------------------------------
+# caption words
+
+_NORMALIZER, _PRE_TOKENIZER = _normalizer(), pre_tokenizers.Whitespace()  # as train_tokenizer's
+
+# words that every kind of scene uses: articles, prepositions, pronouns, auxiliaries, conjunctions
+STOP_WORDS = frozenset("""
+a an the
+of in on at to with by for from into onto near next over under up down out off through behind around
+it its he his she her they their them this that these those there here who which what some
+is are was were be been being has have had do does
+and or but as while so than
+""".split())
+
+
+def caption_words(text):
+    """A caption's words, normalized as train_tokenizer does (its tokens, before the vocabulary)."""
+    return [w for w, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
+
+
+def caption_word_vocab(captions_per_image, K, stop_words=STOP_WORDS):
+    """The K words used by the most images (any of an image's captions, counted once per image: the
+    prevalence of the word_targets column), ties broken alphabetically. Stop words never enter; words
+    are whole normalized tokens, not stemmed ("dog" and "dogs" are two words)."""
+    counts = Counter()
+    for caps in captions_per_image:
+        counts.update({w for c in caps for w in caption_words(c)} - stop_words)
+    return sorted(counts, key=lambda w: (-counts[w], w))[:K]
+
+
+def word_targets(captions, vocab):
+    """(K,) multi-hot: which vocab words any of the captions uses. vocab: a list, or {word: column}."""
+    index = vocab if isinstance(vocab, dict) else {w: i for i, w in enumerate(vocab)}
+    target = torch.zeros(len(index))
+    target[[index[w] for c in captions for w in caption_words(c) if w in index]] = 1
+    return target
+
+
+# -----------------------------------------------------------------------------
+# the probe dataset
+
+
+def eval_crop(x, size, interpolation):
+    """The fixed evaluation view: the short side resized to size, then the centre size x size crop.
+    A PIL image and a (1, H, W) tensor of the same H, W get the same output size and crop."""
+    x = TF.resize(x, size, interpolation=interpolation, antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+class CocoProbeSet(torch.utils.data.Dataset):
+    """COCO images under the fixed evaluation view, with probe ground truth.
+
+    files, records (read_instances' values) and captions are aligned lists; vocab: caption_word_vocab.
+    An item is dict(image (3, S, S) normalized, patch_labels (N,) majority label per patch, present
+    (n_classes,) multi-hot, words (K,) multi-hot), or None for an unreadable image. present holds the
+    categories VISIBLE in the crop (any pixel of the cropped label map): a category cut away by the crop
+    is not in the pixels the encoder sees, and no probe could find it. Captions describe the uncropped
+    image, so a word may name something cut away."""
+
+    def __init__(self, files, records, captions, vocab, n_classes=80, img_size=224, patch_size=16):
+        self.files, self.records, self.n_classes = files, records, n_classes
+        self.img_size, self.patch_size, self.n_unreadable = img_size, patch_size, 0
+        index = {w: i for i, w in enumerate(vocab)}
+        self.words = torch.stack([word_targets(c, index) for c in captions])  # (n, K): once, not per item
+
+    def __len__(self):
+        return len(self.files)
+
+    def label_map(self, index):
+        """(S, S) long label map under the evaluation view; no image is decoded (a labels-only pass,
+        e.g. for class frequencies, costs ~3 ms a 640x480 image). NEAREST_EXACT samples the pixel centres as
+        the image's bilinear resize does; torch's plain NEAREST is shifted by up to half a pixel."""
+        r = self.records[index]
+        labels = instance_label_map(r["anns"], r["height"], r["width"]).to(torch.uint8)[None]  # (1, H, W)
+        return eval_crop(labels, self.img_size, TF.InterpolationMode.NEAREST_EXACT)[0].long()
+
+    def __getitem__(self, index):
+        img, r = _open_rgb(self.files[index]), self.records[index]
+        if img is None:
+            self.n_unreadable += 1
+            return None
+        if img.size != (r["width"], r["height"]):  # the masks would not line up: wrong annotations file
+            raise DataError(f"{self.files[index]} is {img.width}x{img.height} but its instances record says "
+                            f"{r['width']}x{r['height']}: use the instances file of the same split")
+        img = eval_crop(img, self.img_size, TF.InterpolationMode.BILINEAR)
+        labels = self.label_map(index)  # (S, S)
+        present = torch.zeros(self.n_classes + 1)
+        present[labels.flatten()] = 1  # column 0 (background) is dropped below
+        return dict(image=_normalize(TF.to_tensor(img)[None])[0], present=present[1:], words=self.words[index],
+                    patch_labels=patch_labels(labels[None], self.patch_size)[0])
+
+
+def probe_collate(items):
+    """Stacks the readable items of a batch (unreadable ones are None)."""
+    items = [it for it in items if it is not None]
+    if not items:
+        raise DataError("every image in this batch was unreadable: see the 'skipping' lines above and "
+                        "re-download the files they name")
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

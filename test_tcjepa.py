@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import tcjepa
 from data import (COLOR_RGB, COLORS, MEAN, SHAPES, STD, CocoCaptions, Collate, DataError, ShapesDataset,
                   load_tokenizer, patch_labels, train_tokenizer)
@@ -812,6 +813,342 @@ def test_patch_labels_matches_loop(H, W, p):
 
 
 # =============================================================================
+# COCO evaluation: instance masks, probe ground truth, probe math
+
+# the fixture: 4 images (3 wanted), category ids with gaps, listed out of order
+
+CATS = [dict(id=90, name="toothbrush", supercategory="x"), dict(id=1, name="person", supercategory="y"),
+        dict(id=5, name="airplane", supercategory="z")]  # labels: person 1, airplane 2, toothbrush 3
+SIZES = {11: (40, 30), 12: (32, 48), 13: (24, 24), 14: (20, 20)}  # id -> (width, height)
+PENTAGON = [v for k in range(5) for v in (10 + 7 * math.cos(1.26 * k + 0.3), 15 + 7 * math.sin(1.26 * k + 0.3))]
+TRIANGLE = [25.3, 4.6, 37.8, 8.2, 30.1, 25.7]
+CUT_AWAY = [36.2, 10.3, 39.4, 10.3, 39.4, 20.6]  # right of the centre crop of image 11 (x 3.75..33.75 kept)
+SMALL, LARGE = [12.2, 20.4, 20.7, 19.8, 16.5, 28.3], [4, 10, 28, 10, 28, 40, 4, 40]
+
+
+def blob_mask(h, w):  # a lopsided disc in the lower left: not symmetric under a transpose
+    y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    return ((x - 9) ** 2 / 49 + (y - 36) ** 2 / 100) <= 1
+
+
+def rle_encode(mask):  # column-major runs, starting with 0s
+    flat, counts, value, run = mask.T.flatten().tolist(), [], False, 0
+    for v in flat:
+        if v != value:
+            counts.append(run)
+            value, run = v, 0
+        run += 1
+    return counts + [run]
+
+
+def polygon_area(xy):
+    xs, ys = xy[0::2], xy[1::2]
+    return abs(sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs)))) / 2
+
+
+def write_fixture(root):
+    """instances_val2017.json + JPEGs in root/val2017; returns the instances path."""
+    crowd = blob_mask(48, 32)
+    ann = lambda i, img, cat, seg, area, crowd=0: dict(id=i, image_id=img, category_id=cat, segmentation=seg,
+                                                     area=area, bbox=[0, 0, 1, 1], iscrowd=crowd)
+    anns = [ann(101, 11, 1, [PENTAGON, TRIANGLE], polygon_area(PENTAGON) + polygon_area(TRIANGLE)),
+            ann(102, 11, 5, dict(counts="Yb0;1O1N", size=[30, 40]), 30.0, crowd=1),  # compressed: skipped
+            ann(107, 11, 5, [CUT_AWAY], polygon_area(CUT_AWAY)),
+            ann(103, 12, 5, dict(counts=rle_encode(crowd), size=[48, 32]), float(crowd.sum()), crowd=1),
+            ann(104, 12, 1, [SMALL], polygon_area(SMALL)),  # the small one first: file order would lose it
+            ann(105, 12, 90, [LARGE], polygon_area(LARGE)),
+            ann(106, 14, 1, [[1, 1, 9, 1, 9, 9]], 32.0)]
+    images = [dict(id=i, file_name=f"{i:012d}.jpg", width=w, height=h) for i, (w, h) in SIZES.items()]
+    (root / "val2017").mkdir()
+    for im in images:
+        Image.new("RGB", (im["width"], im["height"]), (90, 120, 150)).save(root / "val2017" / im["file_name"])
+    (root / "annotations").mkdir()
+    path = root / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps(dict(images=images, annotations=anns, categories=CATS)))
+    return path
+
+
+@pytest.fixture
+def coco(tmp_path):
+    path = write_fixture(tmp_path)
+    return path, data.read_instances(path, image_ids=[11, 12, 13])
+
+
+# -----------------------------------------------------------------------------
+# naive references
+
+
+def ref_polygon(xy, h, w):
+    """Ray casting at pixel centres."""
+    xs, ys, out = xy[0::2], xy[1::2], torch.zeros(h, w, dtype=torch.bool)
+    for y in range(h):
+        for x in range(w):
+            px, py, inside = x + 0.5, y + 0.5, False
+            for i in range(len(xs)):
+                x1, y1, x2, y2 = xs[i], ys[i], xs[i - 1], ys[i - 1]
+                if (y1 > py) != (y2 > py) and px < x1 + (py - y1) * (x2 - x1) / (y2 - y1):
+                    inside = not inside
+            out[y, x] = inside
+    return out
+
+
+def ref_rle(counts, h, w):
+    out, pos = torch.zeros(h, w, dtype=torch.bool), 0
+    for i, c in enumerate(counts):
+        for p in range(pos, pos + c):
+            out[p % h, p // h] = i % 2 == 1  # column-major: pixel p is (row p % h, column p // h)
+        pos += c
+    return out
+
+
+def ref_label_map(anns, h, w):
+    out = torch.zeros(h, w, dtype=torch.long)
+    for label, _, seg, _ in sorted(anns, key=lambda a: -a[1]):
+        masks = [ref_rle(seg["counts"], h, w)] if isinstance(seg, dict) else [ref_polygon(p, h, w) for p in seg]
+        for m in masks:
+            out[m] = label
+    return out
+
+
+def near_edges(polys, h, w, dist=1.0):
+    """(h, w) bool: pixel centres within dist of an edge of any polygon."""
+    y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    c = torch.stack([x, y], -1).double()  # (h, w, 2) pixel centres as (x, y)
+    near = torch.zeros(h, w, dtype=torch.bool)
+    for xy in polys:
+        p = torch.tensor(xy, dtype=torch.float64).view(-1, 2)
+        for a, b in zip(p, p.roll(1, 0)):
+            t = ((c - a) @ (b - a) / (b - a).dot(b - a)).clamp(0, 1)
+            near |= (c - (a + t[..., None] * (b - a))).norm(dim=-1) <= dist
+    return near
+
+
+# -----------------------------------------------------------------------------
+# read_instances
+
+
+def test_read_instances_keeps_wanted_ids(coco):
+    path, (names, label_of, images, n_compressed) = coco
+    assert names == ["person", "airplane", "toothbrush"] and label_of == {1: 1, 5: 2, 90: 3}
+    assert set(images) == {11, 12, 13} and n_compressed == 1
+    assert [len(images[i]["anns"]) for i in (11, 12, 13)] == [2, 3, 0]
+    assert [a[0] for a in images[12]["anns"]] == [2, 1, 3] and images[12]["anns"][0][3] == 1
+    assert (images[12]["width"], images[12]["height"], images[12]["file_name"]) == (32, 48, "000000000012.jpg")
+    assert set(data.read_instances(path)[2]) == {11, 12, 13, 14}
+
+
+BAD = ['{"categories": [], "images": [{"id": 1, "file_name": "a.jpg", "width": 2, "height": 2}], '
+       '"annotations": [{"image_id": 1, "category_id": 1}]}']  # an annotation without a segmentation
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"images": 3}', "[]"] + BAD)
+def test_read_instances_errors_in_one_line(tmp_path, content):
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    with pytest.raises(data.DataError) as e:
+        data.read_instances(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "annotations_trainval2017.zip" in msg
+
+
+def test_read_instances_rejects_a_bad_rle(tmp_path):
+    path = write_fixture(tmp_path)
+    d = json.loads(path.read_text())
+    next(a for a in d["annotations"] if a["id"] == 103)["segmentation"]["counts"][-1] += 1  # one pixel too many
+    path.write_text(json.dumps(d))
+    with pytest.raises(data.DataError, match="annotation 103"):
+        data.read_instances(path)
+
+
+# -----------------------------------------------------------------------------
+# label maps
+
+
+def test_rle_is_column_major():
+    anns = [(7, 3.0, dict(counts=[1, 2, 3], size=[2, 3]), 1)]  # pixels 1, 2 of the column-major order
+    assert data.instance_label_map(anns, 2, 3).tolist() == [[0, 7, 0], [7, 0, 0]]
+
+
+def test_label_map_matches_references(coco):
+    _, (_, _, images, _) = coco
+    for i in (11, 12, 13):
+        r = images[i]
+        h, w = r["height"], r["width"]
+        got, want = data.instance_label_map(r["anns"], h, w), ref_label_map(r["anns"], h, w)
+        polys = [p for a in r["anns"] if isinstance(a[2], list) for p in a[2]]
+        far = ~near_edges(polys, h, w)
+        assert (got == want).float().mean() >= 0.99  # a centre on an edge may go either way (PIL: 0.964)
+        assert torch.equal(got[far], want[far])
+    pent = data.instance_label_map(images[11]["anns"], 30, 40)
+    assert pent[15, 10] == 1 and pent[12, 30] == 1  # both parts of the polygon are painted
+    m = data.instance_label_map(images[12]["anns"], 48, 32)
+    assert m[22, 16] == 1 and m[14, 16] == 3  # the small instance wins inside the large one
+    assert m[40, 6] == 2  # the crowd blob (smaller than the box) wins where they overlap
+    assert m[35, 20] == 3 and m[5, 5] == 0
+
+
+def test_label_map_of_a_large_polygon_has_the_coco_area():
+    xy = [v for k in range(16) for v in (50 + (40, 18)[k % 2] * math.cos(k * math.pi / 8),
+                                         45 + (40, 18)[k % 2] * math.sin(k * math.pi / 8))]
+    m = data.instance_label_map([(1, 1.0, [xy], 0)], 90, 100)
+    assert abs(m.sum().item() - polygon_area(xy)) < 0.02 * polygon_area(xy)  # pixel centres: no 1 px growth
+
+
+# -----------------------------------------------------------------------------
+# the probe dataset
+
+
+def probe_set(tmp_path, coco, **kw):
+    _, (names, _, images, _) = coco
+    ids = [11, 12, 13]
+    files = [str(tmp_path / "val2017" / images[i]["file_name"]) for i in ids]
+    caps = [["A man, a plane."], ["Two men and a Toothbrush!", "a man"], ["nothing here"]]
+    vocab = ["man", "toothbrush", "plane"]
+    return data.CocoProbeSet(files, [images[i] for i in ids], caps, vocab, n_classes=len(names), **kw)
+
+
+def test_probe_set_items(tmp_path, coco):
+    ds = probe_set(tmp_path, coco, img_size=16, patch_size=4)
+    for i in range(3):
+        item, lab = ds[i], ds.label_map(i)
+        assert item["image"].shape == (3, 16, 16) and lab.shape == (16, 16)
+        ref = torch.zeros(16, dtype=torch.long)  # majority per 4x4 patch in raster order, ties to the smaller label
+        for p in range(16):
+            r, c = p // 4 * 4, p % 4 * 4
+            ref[p] = torch.bincount(lab[r:r + 4, c:c + 4].flatten(), minlength=4).argmax()
+        assert torch.equal(item["patch_labels"], ref)
+        assert torch.equal(item["present"], torch.tensor([float((lab == c).any()) for c in (1, 2, 3)]))
+    assert ds[0]["present"].tolist() == [1, 0, 0]  # the airplane is cut away by the crop
+    assert ds[1]["present"].tolist() == [1, 1, 1] and ds[2]["present"].sum() == 0
+    assert [ds[i]["words"].tolist() for i in range(3)] == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    batch = data.probe_collate([ds[0], None, ds[1]])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["patch_labels"].shape == (2, 16)
+
+
+def test_label_map_follows_the_image_through_resize_and_crop(tmp_path, coco):
+    """An image painted with its own label map: after the eval view, image and map still agree."""
+    _, (_, _, images, _) = coco
+    r = images[12]
+    lab = data.instance_label_map(r["anns"], r["height"], r["width"])
+    Image.fromarray((lab * 80).to(torch.uint8).numpy()).convert("RGB").save(tmp_path / "painted.png")
+    ds = data.CocoProbeSet([str(tmp_path / "painted.png")], [r], [["x"]], [], n_classes=3, img_size=24, patch_size=4)
+    grey = ds[0]["image"][0] * data.STD[0] + data.MEAN[0]  # (24, 24) back in [0, 1]
+    out = ds.label_map(0)
+    same = F.max_pool2d(out[None, None].float(), 3, 1, 1) == -F.max_pool2d(-out[None, None].float(), 3, 1, 1)
+    inner = same[0, 0]  # the label is constant around the pixel: no blending with a neighbour
+    inner[[0, -1]] = inner[:, [0, -1]] = False  # at the crop's edge the image blends with what was cut away
+    assert inner.sum() > 200 and ((grey - out * 80 / 255).abs()[inner] < 0.05).all()
+
+
+def test_label_map_samples_pixel_centres():
+    """48 -> 16 px: each output pixel is the centre of a 3 x 3 block, where only the middle column is set.
+    (torch's plain NEAREST samples the block's first column.)"""
+    stripes = (torch.arange(48) % 3 == 1).expand(48, 48)
+    rec = dict(width=48, height=48, anns=[(1, 1.0, dict(counts=rle_encode(stripes), size=[48, 48]), 1)])
+    ds = data.CocoProbeSet(["unused.jpg"], [rec], [["x"]], [], n_classes=1, img_size=16, patch_size=4)
+    assert (ds.label_map(0) == 1).all()
+
+
+def test_unreadable_image_is_none(tmp_path, coco):
+    ds = probe_set(tmp_path, coco, img_size=16, patch_size=4)
+    with open(ds.files[0], "wb") as f:
+        f.write(b"not a jpeg")
+    assert ds[0] is None and ds.n_unreadable == 1
+
+
+# -----------------------------------------------------------------------------
+# caption words
+
+
+def test_caption_words_are_the_tokenizer_words():
+    caps = ["A Café-bar, with two DOGS!", "naïve  man's $5 cat", "¿Qué? a man_on top"]
+    tok = data.train_tokenizer(caps, 100)
+    for c in caps:
+        assert data.caption_words(c) == tok.encode(c, add_special_tokens=False).tokens
+    assert data.caption_words(caps[0]) == ["a", "cafe", "bar", "with", "two", "dogs"]
+
+
+def test_vocab_counts_images_drops_stop_words_breaks_ties_alphabetically():
+    per_image = [["dog dog dog dog", "a dog"], ["the cat on a mat"], ["a cat and a bat"], ["zebra, bat."]]
+    assert len(data.STOP_WORDS) >= 45 and {"a", "the", "on", "and", "is", "it"} <= data.STOP_WORDS
+    # cat and bat are in 2 images each (dog's 5 uses are in 1 image), then alphabetically
+    assert data.caption_word_vocab(per_image, 3) == ["bat", "cat", "dog"]
+    assert data.caption_word_vocab(per_image, 10) == ["bat", "cat", "dog", "mat", "zebra"]
+    assert data.word_targets(["A Cat.", "a ZEBRA"], ["bat", "cat", "zebra"]).tolist() == [0, 1, 1]
+
+
+# -----------------------------------------------------------------------------
+# probe math
+
+
+def test_rankme():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(500, 5, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(64, 5, generator=g))[0].T
+    assert train.rankme(U @ V) == pytest.approx(5, abs=0.01)  # orthonormal factors: exactly k
+    r = train.rankme(torch.randn(500, 5, generator=g) @ torch.randn(5, 64, generator=g))
+    assert 0.9 * 5 <= r <= 5.01  # 4.93 here: the factors' singular values are not all equal
+    assert train.rankme(torch.randn(20000, 64, generator=g)) > 0.99 * 64
+
+
+def test_streaming_ridge_equals_ridge_fit():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(900, 12, generator=g) * torch.linspace(0.5, 3, 12) + 5  # offset: a test of the shifted sums
+    y = torch.randint(0, 4, (900,), generator=g)
+    y[:600] = 0  # unbalanced classes
+    Y, Z = F.one_hot(y, 4).float(), torch.randn(50, 12, generator=g) + 5
+    freq = torch.bincount(y, minlength=4).float()
+    for kw, weight in [({}, None), (dict(class_weight=1 / freq), 1 / freq[y])]:
+        s = train.StreamingRidge(12, 4, lam=1e-2, **kw)
+        for i in range(0, 900, 250):
+            s.update(X[i:i + 250], Y[i:i + 250])
+        want = train.ridge_fit(X, Y, weight=weight, lam=1e-2)(Z)
+        assert (s.solve()(Z) - want).abs().max() < 1e-6 * want.abs().max()
+
+
+def test_streaming_ridge_keeps_precision_far_from_the_origin():
+    g = torch.Generator().manual_seed(3)
+    X = (1e6 + 1e-2 * torch.randn(900, 6, generator=g, dtype=torch.float64))  # sums of x^2 would cancel
+    Y = (X[:, :2] - 1e6) * 1e2 + 0.1 * torch.randn(900, 2, generator=g, dtype=torch.float64)
+    s = train.StreamingRidge(6, 2)
+    for i in range(0, 900, 300):
+        s.update(X[i:i + 300], Y[i:i + 300])
+    want = train.ridge_fit(X, Y)(X[:20])  # float64 features: ridge_fit computes in float64 throughout
+    assert (s.solve()(X[:20]) - want).abs().max() < 1e-6 * want.abs().max()
+
+
+def test_probes_find_labels_in_informative_features_and_nothing_in_noise():
+    g = torch.Generator().manual_seed(2)
+    n, C = 3000, 5
+    y = torch.randint(0, C, (n,), generator=g)
+    informative = F.one_hot(y, C).float() @ torch.randn(C, 16, generator=g) + 0.1 * torch.randn(n, 16, generator=g)
+    noise = torch.randn(n, 16, generator=g)
+    res = {}
+    for name, X in (("informative", informative), ("noise", noise)):
+        s = train.StreamingRidge(16, C)
+        for i in range(0, 2000, 500):
+            s.update(X[i:i + 500], F.one_hot(y[i:i + 500], C).float())
+        pred = s.solve()(X[2000:]).argmax(1)
+        conf = train.Confusion(C).update(pred[:500], y[2000:2500]).update(pred[500:], y[2500:])
+        assert conf.miou() == pytest.approx(train.Confusion(C).update(pred, y[2000:]).miou())
+        res[name] = (pred == y[2000:]).float().mean().item(), conf.miou()
+    assert min(res["informative"]) > 0.99 and max(res["noise"]) < 0.35  # chance: 0.2 accuracy, ~0.11 IoU
+
+    labels = (torch.rand(2000, 8, generator=g) < 0.2).float()
+    labels[:, 7] = 0  # a column without positives is left out of the mean
+    assert train.average_precision(labels + 0.1 * torch.randn(2000, 8, generator=g), labels) > 0.99
+    assert train.average_precision(torch.randn(2000, 8, generator=g), labels) == pytest.approx(0.2, abs=0.04)
+
+
+def test_miou_over_the_classes_present():
+    target, pred = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 1, 1])
+    # class 2 is predicted but never true: not in the mean, but its false positive halves class 0's IoU
+    assert train.Confusion(3).update(pred, target).miou() == pytest.approx((0.5 + 1) / 2)
+
+
+# =============================================================================
 # train.py
 
 import os
@@ -1013,8 +1350,9 @@ def test_help_shows_the_defaults_each_preset_uses():
     help_text = " ".join(subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True,
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
     assert "lambda, weight of the sparsity loss (paper: 0.1); default 0.0 (vit_b16, coco: 0.1)" in help_text
-    assert "peak learning rate (I-JEPA: 1e-3 at batch 2048); default 0.002 (coco: 0.001)" in help_text
-    assert "optimizer steps; default 1000 (shapes_long: 4000; coco: 20000)" in help_text
+    assert "lr_per_256 > 0 replaces it; default 0.002 (coco: from lr_per_256)" in help_text
+    assert "optimizer steps; epochs > 0 replaces it; default 1000 (shapes_long: 4000; coco: from epochs)" in help_text
+    assert "EMA momentum at the last step (I-JEPA 1.0); default 0.99 (coco: 1.0)" in help_text
     for preset in train.PRESETS:  # and what each preset really sets is what parse_args gives
         t, m = train.parse_args(["--preset", preset])
         for k, v in {**train.PRESETS[preset][0], **train.PRESETS[preset][1]}.items():
@@ -1145,6 +1483,70 @@ def test_train_on_coco_fixture(coco_dir, tmp_path):
     assert evals == [2, 3]  # every eval_every steps, even when that is not a log step, and at the end
     assert f"{train.auto_workers()} loader workers" in out.stdout  # COCO's default: workers from the cores
     assert sorted(train_log(tmp_path / "c")) == [2, 3]
+
+
+def _write_instances(coco_dir):
+    """instances files for the captions fixture: a polygon or two per image, one crowd RLE, id gaps."""
+    sizes = {1: (40, 30), 2: (32, 48), 3: (50, 50), 4: (36, 36), 5: (10, 10), 6: (20, 20), 7: (9, 9)}
+    cats = [dict(id=1, name="person", supercategory="p"), dict(id=3, name="car", supercategory="v")]
+
+    def dump(split, sizes):
+        anns = []
+        for i, (w, h) in sizes.items():
+            anns.append(dict(id=10 * i, image_id=i, category_id=1 + 2 * (i % 2), iscrowd=0, area=w * h / 4.0,
+                             bbox=[0, 0, w / 2, h / 2], segmentation=[[0, 0, w / 2, 0, w / 2, h / 2, 0, h / 2]]))
+        w, h = sizes[next(iter(sizes))]
+        anns.append(dict(id=1, image_id=next(iter(sizes)), category_id=1, iscrowd=1, area=float(w * h // 2),
+                         bbox=[0, 0, w, h], segmentation=dict(counts=[w * h // 2, w * h - w * h // 2], size=[h, w])))
+        images = [dict(id=i, file_name=f"{i:012d}.jpg", width=w, height=h) for i, (w, h) in sizes.items()]
+        (coco_dir / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(dict(images=images, categories=cats, annotations=anns)))
+
+    dump("train", sizes)
+    dump("val", {100: (24, 24)})
+
+
+def test_coco_probes_end_to_end_on_the_fixture(coco_dir, tmp_path):
+    coco = ["--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--num_workers", "0",
+            "--probe_train", "5", "--probe_words", "8"]
+    out = run_train(*TINY, *coco, "--out_dir", str(tmp_path / "none"))  # no instances files: losses only
+    assert "probes need annotations/instances_train2017.json" in out.stdout and "Training goes on" in out.stdout
+    _write_instances(coco_dir)
+    d = tmp_path / "probe"
+    out = run_train(*TINY, *coco, "--out_dir", str(d))
+    recs = [json.loads(line) for line in open(d / "log.jsonl")]
+    ev = [r for r in recs if "val_true" in r][-1]
+    init = [r["init_probes"] for r in recs if "init_probes" in r][0]
+    for k in ("coco_cls_map", "coco_dense_miou", "rankme"):
+        assert 0 <= ev[k] and 0 <= init[k], k
+    assert isinstance(ev["coco_words_map"], float)  # nan here: the one val caption has none of the 8 words
+    assert "coco probes: 5 train / 1 val images" in out.stdout  # (the unreadable id 5 is dropped when loaded)
+    out = run_train(*TINY, *coco, "--out_dir", str(d), "--resume", str(d / "ckpt.pt"), "--eval_only", "true")
+    assert "coco_dense_miou" in out.stdout and "random init" in out.stdout
+
+
+def test_recipe_scales_lr_with_the_global_batch():
+    t, _ = train.parse_args(["--dataset", "coco"])
+    one, eight = train.resolve_recipe(t, 118287, 1), train.resolve_recipe(t, 118287, 8)
+    assert one.lr == pytest.approx(1.25e-4 * 128 / 256) and eight.lr == pytest.approx(1.25e-4 * 1024 / 256)
+    assert one.max_steps == math.ceil(100 * 118287 / 128) and eight.max_steps == math.ceil(100 * 118287 / 1024)
+    assert one.warmup_steps == round(15 * 118287 / 128) and eight.start_lr == pytest.approx(2.5e-5 * 4)
+    t, _ = train.parse_args([])  # shapes: steps and lr as given
+    assert train.resolve_recipe(t, 20000, 2) == t
+    t, _ = train.parse_args(["--dataset", "coco", "--max_steps", "7", "--lr", "0.01"])  # a flag wins over the rule
+    r = train.resolve_recipe(t, 118287, 8)
+    assert (r.max_steps, r.lr, r.warmup_steps) == (7, 0.01, round(15 * 118287 / 1024))
+
+
+def test_dead_zone_warning(tmp_path):
+    out = run_train(*TINY, "--max_steps", "4", "--log_every", "2", "--sparse_coef", "0.1", "--consist_coef", "0.5",
+                    "--out_dir", str(tmp_path / "dz"))
+    recs = train_log(tmp_path / "dz")
+    window_low = any(max(recs[s]["pos_frac"] for s in (k, k + 1)) < train.DEAD_ZONE for k in (1, 3))
+    assert ("have gone inert" in out.stdout) == window_low  # a fresh model has positive cosines: no warning
+    assert train.dead_zone(0.0, TCJEPAConfig(sparse_coef=0.1)) and not train.dead_zone(0.0, TCJEPAConfig(sparse_coef=0, consist_coef=0))
+    assert not train.dead_zone(0.2, TCJEPAConfig()) and not train.dead_zone(0.0, TCJEPAConfig(text_cond="none"))
 
 
 def test_train_coco_loader_error_is_one_line_and_exits(coco_dir, tmp_path):

@@ -24,6 +24,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per process; -1 = auto (this process's share of the CPU cores)
     # run
     out_dir: str = "out"  # checkpoint, log.jsonl and tokenizer go here
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps; epochs > 0 replaces it
     batch_size: int = 64  # images per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0  # everything random (init, data order, crops, captions, masks) derives from it
@@ -58,8 +59,12 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: "auto" (= on for CUDA), "on", "off"
     resume: str = ""  # a checkpoint to continue from ("auto" = out_dir/ckpt.pt if present)
     # optimization (notes/paper.md §1.6: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
-    lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048)
-    start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr
+    lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048); lr_per_256 > 0 replaces it
+    start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr; start_lr_per_256 > 0 replaces it
+    lr_per_256: float = 0.0  # > 0: lr = lr_per_256 x global batch / 256, the linear scaling rule (I-JEPA: 1.25e-4)
+    start_lr_per_256: float = 0.0  # > 0: start_lr = start_lr_per_256 x global batch / 256 (I-JEPA: 2.5e-5)
+    epochs: float = 0.0  # > 0: max_steps = epochs x train images / global batch
+    warmup_epochs: float = 0.0  # > 0: warmup_steps = warmup_epochs x train images / global batch
     final_lr: float = 1e-6  # learning rate at the end of the cosine
     warmup_steps: int = 100  # linear warmup steps
     weight_decay: float = 0.04  # at step 0, cosine to final_weight_decay (biases, norms: none)
@@ -71,7 +76,9 @@ class TrainConfig:
     eval_every: int = 500  # steps between validation losses (true / shuffled / no captions) and probes
     save_every: int = 500  # steps between checkpoints (and one at the end)
     val_size: int = 256  # validation images for the fixed-mask losses
-    probe_train: int = 2000  # shapes: train images the linear probes are fitted on (val: the val split)
+    probe_train: int = 2000  # train images the linear probes are fitted on (COCO: evenly spaced over train2017)
+    probe_val: int = 1000  # COCO: val2017 images the probes score at each evaluation; the last one and --eval_only use all
+    probe_words: int = 100  # COCO: the caption-word probe's K most frequent words (stop words left out)
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
     bench: int = 0  # > 0: time this many steps after bench_warmup untimed ones, print, exit
     bench_warmup: int = 10  # untimed steps before --bench (compilation happens here)
@@ -89,8 +96,9 @@ RANGES = dict(
     shapes_size=(1, None), num_workers=(-1, None), max_steps=(1, None), batch_size=(1, None), grad_accum=(1, None),
     seed=(0, None), lr=(0, None), start_lr=(0, None), final_lr=(0, None), warmup_steps=(0, None),
     weight_decay=(0, None), final_weight_decay=(0, None), ema_start=(0, 1), ema_end=(0, 1), log_every=(1, None),
-    eval_every=(1, None), save_every=(1, None), val_size=(1, None), probe_train=(1, None), bench=(0, None),
-    bench_warmup=(0, None),
+    eval_every=(1, None), save_every=(1, None), val_size=(1, None), probe_train=(1, None), probe_val=(1, None),
+    probe_words=(1, None), bench=(0, None), bench_warmup=(0, None), lr_per_256=(0, None), start_lr_per_256=(0, None),
+    epochs=(0, None), warmup_epochs=(0, None),
     img_size=(1, None), patch_size=(1, None), in_chans=(1, None), width=(4, None), depth=(1, None), heads=(1, None),
     mlp_ratio=(0.01, None), pred_width=(4, None), pred_depth=(0, None), n_targets=(1, None), target_scale=(0, 1),
     target_aspect=(0.01, None), context_scale=(0, 1), min_keep=(1, None), vocab_size=(3, None), max_words=(1, None),
@@ -100,8 +108,10 @@ RANGES = dict(
 # presets: (training fields, model fields) that fill what the command line does not give
 SHAPES_MODEL = dict(sparse_coef=0.0, consist_coef=0.0)  # the paper's 0.1 / 0.5 hit the dead zone here (notes/experiments.md §3)
 VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items() if v != getattr(TCJEPAConfig, k)}
-COCO_TRAIN = dict(dataset="coco", lr=1e-3, ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1,
-                  max_steps=20000, warmup_steps=1500, log_every=50, eval_every=2000, save_every=1000)
+# I-JEPA's recipe (notes/paper.md §1.6) with lr scaled to the global batch; length in epochs (COCO: notes/coco.md)
+COCO_TRAIN = dict(dataset="coco", lr_per_256=1.25e-4, start_lr_per_256=2.5e-5, epochs=100, warmup_epochs=15,
+                  ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1, log_every=50, eval_every=5000,
+                  save_every=1000)
 PRESETS = {
     "shapes": ({}, SHAPES_MODEL),  # the default for --dataset shapes
     "shapes_long": (dict(max_steps=4000, eval_every=500), SHAPES_MODEL),  # where I-JEPA clearly learns shape (notes/experiments.md §1)
@@ -110,11 +120,16 @@ PRESETS = {
 }
 
 
+# a field given as a flag wins over the preset's rule that would replace it
+REPLACED_BY = dict(max_steps="epochs", warmup_steps="warmup_epochs", lr="lr_per_256", start_lr="start_lr_per_256")
+
+
 def apply_preset(name, given):
     """(TrainConfig, TCJEPAConfig) of a preset, with the fields in `given` (flags) winning."""
     train_kw, model_kw = PRESETS[name]
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{**train_kw, **{k: v for k, v in given.items() if k in tfields}})
+    off = {rule: 0.0 for field, rule in REPLACED_BY.items() if field in given and rule not in given}
+    tcfg = TrainConfig(**{**train_kw, **off, **{k: v for k, v in given.items() if k in tfields}})
     mcfg = TCJEPAConfig(**{**model_kw, **{k: v for k, v in given.items() if k not in tfields}})
     return tcfg, mcfg
 
@@ -147,6 +162,22 @@ def config_error(t, m):
     return None
 
 
+def resolve_recipe(tcfg, n_train, world):
+    """The fields that follow from the global batch and the dataset size (the linear scaling rule
+    of MAE / DINO / I-JEPA: lr proportional to the global batch; length and warmup in epochs)."""
+    G = tcfg.batch_size * world * tcfg.grad_accum
+    kw = {}
+    if tcfg.lr_per_256 > 0:
+        kw["lr"] = tcfg.lr_per_256 * G / 256
+    if tcfg.start_lr_per_256 > 0:
+        kw["start_lr"] = tcfg.start_lr_per_256 * G / 256
+    if tcfg.epochs > 0:
+        kw["max_steps"] = max(1, math.ceil(tcfg.epochs * n_train / G))
+    if tcfg.warmup_epochs > 0:
+        kw["warmup_steps"] = round(tcfg.warmup_epochs * n_train / G)
+    return dataclasses.replace(tcfg, **kw)
+
+
 # -----------------------------------------------------------------------------
 # command line: generated from the two config dataclasses
 
@@ -177,12 +208,16 @@ def field_comments(cls):
 
 def default_text(name):
     """'default X' for the shapes preset, then the presets that differ: 'default 0.0 (coco, vit_b16: 0.1)'."""
-    values = {p: getattr(next(c for c in apply_preset(p, {}) if hasattr(c, name)), name) for p in PRESETS}
+    values = {}
+    for p in PRESETS:
+        cfg = next(c for c in apply_preset(p, {}) if hasattr(c, name))
+        rule = REPLACED_BY.get(name)
+        values[p] = f"from {rule}" if rule and getattr(cfg, rule) > 0 else getattr(cfg, name)
     others = {}
     for p, v in values.items():
         if v != values["shapes"]:
             others.setdefault(repr(v), []).append(p)
-    extra = "; ".join(f"{', '.join(ps)}: {v}" for v, ps in others.items())
+    extra = "; ".join(f"{', '.join(ps)}: {v.strip(chr(39))}" for v, ps in others.items())
     return f"default {values['shapes']!r}" + (f" ({extra})" if extra else "")
 
 
@@ -298,8 +333,9 @@ def setup(tcfg):
     rank, local_rank, world, cpu_group = 0, 0, 1, None
     if ddp:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        cpu_group = dist.new_group(backend="gloo")
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 runs the COCO probes
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
+        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -636,7 +672,7 @@ def average_precision(scores, labels):
             continue
         precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
         aps.append((precision * hits).sum() / hits.sum())
-    return torch.stack(aps).mean().item()
+    return torch.stack(aps).mean().item() if aps else float("nan")  # nan: no column has a positive
 
 
 @torch.no_grad()
@@ -699,24 +735,179 @@ def rankme(feats, eps=1e-7):
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, step, log_path):
-    """Validation losses on every rank (they are cheap), probes on rank 0; rank 0 logs and prints."""
+# -----------------------------------------------------------------------------
+# linear probes on COCO: categories, segmentation, caption words, RankMe (notes/coco.md)
+
+
+class StreamingRidge:
+    """ridge_fit over batches, with the same result: update(X, Y) per batch, then solve().
+
+    Sums are kept in float64 around the first batch's mean (no cancellation in the variances).
+    Features are standardized with the running mean / std (unweighted, as ridge_fit), a bias column
+    is added and penalized, and the penalty is lam * n. Weights are divided by their mean over all rows,
+    as ridge_fit does. Class-balanced fits need the class frequencies first: pass class_weight (n_out,)
+    (e.g. 1 / frequency, from a labels-only pass) and each row of one-hot Y gets its class's weight.
+    The sums live on `device`: a GPU for ~1M ViT-B patches (a 769 x 769 float64 product per batch)."""
+
+    def __init__(self, dim, n_out, lam=1e-3, class_weight=None, device="cpu"):
+        self.lam, self.n, self.shift, self.device = lam, 0, None, device
+        f64 = dict(dtype=torch.float64, device=device)
+        self.class_weight = None if class_weight is None else class_weight.to(**f64)
+        self.sx, self.sxx = torch.zeros(dim, **f64), torch.zeros(dim, **f64)
+        self.G = torch.zeros(dim + 1, dim + 1, **f64)  # weighted [x, 1]^T [x, 1]
+        self.B = torch.zeros(dim + 1, n_out, **f64)  # weighted [x, 1]^T y
+
+    def update(self, X, Y, weight=None):
+        """X (n, D) features, Y (n, K) targets, weight (n,) or None."""
+        X, Y = X.to(self.device, torch.float64), Y.to(self.device, torch.float64)
+        if self.shift is None:
+            self.shift = X.mean(0)
+        Xc = X - self.shift
+        w = torch.ones_like(X[:, 0]) if weight is None else weight.to(self.device, torch.float64)
+        if self.class_weight is not None:
+            w = w * (Y @ self.class_weight)
+        Xa = torch.cat([Xc, torch.ones_like(Xc[:, :1])], 1)  # (n, D+1)
+        self.G += Xa.T @ (w[:, None] * Xa)
+        self.B += Xa.T @ (w[:, None] * Y)
+        self.sx += Xc.sum(0)
+        self.sxx += (Xc * Xc).sum(0)
+        self.n += len(X)
+        return self
+
+    def solve(self):
+        """-> a function mapping features (m, D) to (m, K) float scores."""
+        n, D = self.n, len(self.sx)
+        mu = self.sx / n  # mean around the shift
+        sd = ((self.sxx - n * mu * mu) / (n - 1)).clamp(min=0).sqrt() + 1e-6  # X.std(0) + 1e-6, as ridge_fit
+        # [standardized x, 1] = [x - shift, 1] @ T: a change of basis of the accumulated sums
+        T = torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        T[:D, :D], T[D, :D] = torch.diag(1 / sd), -mu / sd
+        mean_w = self.G[D, D] / n
+        A = T.T @ self.G @ T / mean_w + self.lam * n * torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        M = T @ torch.linalg.solve(A, T.T @ self.B / mean_w)  # (D+1, K) weights on [x - shift, 1]
+        shift, dev = self.shift, self.device
+        return lambda Z: ((Z.to(dev, torch.float64) - shift) @ M[:D] + M[D]).float()
+
+
+class Confusion:
+    """Streaming confusion matrix: rows the true class, columns the predicted one."""
+
+    def __init__(self, n_classes):
+        self.n, self.m = n_classes, torch.zeros(n_classes, n_classes, dtype=torch.long)
+
+    def update(self, pred, target):
+        pair = target.flatten().long() * self.n + pred.flatten().long()  # one bin per (true, predicted)
+        self.m += torch.bincount(pair, minlength=self.n ** 2).view(self.n, self.n).cpu()
+        return self
+
+    def miou(self):
+        """Mean IoU over the classes present in the ground truth; a wrong prediction enlarges the
+        union of both its true and its predicted class."""
+        inter, present = self.m.diag(), self.m.sum(1) > 0
+        union = self.m.sum(0) + self.m.sum(1) - inter
+        return (inter[present] / union[present]).mean().item()
+
+
+@dataclass
+class CocoProbeData:
+    train: object  # data.CocoProbeSet: probe_train images evenly spaced over train2017
+    val: object  # data.CocoProbeSet: all of val2017
+    dense_weight: torch.Tensor  # (81,) 1 / patch frequency of each class in the probe's train images
+
+
+def coco_probe_data(tcfg, mcfg, train_set, val_set):
+    """Rank 0, once: the probe images with their instance masks, parsed keeping only what the probe
+    needs; None (and one line) when the instances files are missing or unreadable."""
+    t0, ann = time.time(), os.path.join(tcfg.data_dir, "annotations")
+    idx = torch.linspace(0, len(train_set) - 1, min(tcfg.probe_train, len(train_set))).round().long().unique().tolist()
+    try:
+        names, _, rec_tr, n_tr = data.read_instances(os.path.join(ann, "instances_train2017.json"),
+                                                     [train_set.ids[i] for i in idx])
+        _, _, rec_va, n_va = data.read_instances(os.path.join(ann, "instances_val2017.json"), val_set.ids)
+    except data.DataError as e:
+        print(f"{e}. Training goes on with validation losses only")
+        return None
+    idx = [i for i in idx if train_set.ids[i] in rec_tr]
+    jdx = [j for j in range(len(val_set)) if val_set.ids[j] in rec_va]
+    vocab = data.caption_word_vocab([train_set.captions[i] for i in idx], tcfg.probe_words)
+    kw = dict(vocab=vocab, n_classes=len(names), img_size=mcfg.img_size, patch_size=mcfg.patch_size)
+    tr = data.CocoProbeSet([train_set.files[i] for i in idx], [rec_tr[train_set.ids[i]] for i in idx],
+                           [train_set.captions[i] for i in idx], **kw)
+    va = data.CocoProbeSet([val_set.files[j] for j in jdx], [rec_va[val_set.ids[j]] for j in jdx],
+                           [val_set.captions[j] for j in jdx], **kw)
+    labels = torch.cat([data.patch_labels(tr.label_map(i)[None], mcfg.patch_size)[0] for i in range(len(tr))])
+    freq = torch.bincount(labels, minlength=len(names) + 1).double()
+    print(f"coco probes: {len(tr)} train / {len(va)} val images, {len(vocab)} caption words, {n_tr + n_va} "
+          f"compressed crowd masks left out; instances read in {time.time() - t0:.0f} s")
+    return CocoProbeData(tr, va, 1 / freq.clamp(min=1))
+
+
+@torch.no_grad()
+def coco_features(raw_model, probe_set, n, tcfg, rt, batch_size=64):
+    """(target patch features (B, N, D) float, the batch's ground truth) for the first n images."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(probe_set, range(min(n, len(probe_set)))),
+                                         batch_size=batch_size, collate_fn=data.probe_collate,
+                                         num_workers=tcfg.num_workers)
+    for b in loader:
+        with rt.autocast:
+            yield raw_model.encode(b["image"].to(rt.device)).float(), b
+
+
+def coco_probes(raw_model, pd, n_val, tcfg, rt):
+    """Ridge probes on the frozen target encoder, fitted on the probe's train images and scored on
+    n_val val images: 80-way category mAP and caption-word mAP from average-pooled features,
+    segmentation mIoU (background + 80) from patch features (streamed: X^T X, never all patches),
+    and RankMe of the pooled val features."""
+    raw_model.eval()
+    n_cls = len(pd.dense_weight)
+    dense, pooled = None, dict(train=[], val=[])
+    for f, b in coco_features(raw_model, pd.train, len(pd.train), tcfg, rt):
+        dense = dense or StreamingRidge(f.size(-1), n_cls, class_weight=pd.dense_weight, device=rt.device)
+        dense.update(f.flatten(0, 1), F.one_hot(b["patch_labels"].flatten(), n_cls).to(rt.device))
+        pooled["train"].append((f.mean(1).cpu(), b["present"], b["words"]))
+    score, conf = dense.solve(), Confusion(n_cls)
+    for f, b in coco_features(raw_model, pd.val, n_val, tcfg, rt):
+        conf.update(score(f.flatten(0, 1)).argmax(1).cpu(), b["patch_labels"].flatten())
+        pooled["val"].append((f.mean(1).cpu(), b["present"], b["words"]))
+    (Xtr, Ptr, Wtr), (Xva, Pva, Wva) = ([torch.cat(x) for x in zip(*pooled[k])] for k in ("train", "val"))
+    raw_model.train()
+    return dict(coco_cls_map=average_precision(ridge_fit(Xtr, Ptr)(Xva), Pva), coco_dense_miou=conf.miou(),
+                coco_words_map=average_precision(ridge_fit(Xtr, Wtr)(Xva), Wva), rankme=rankme(Xva))
+
+
+def run_probes(raw_model, train_set, val_set, probe_data, tcfg, rt, last):
+    """The probes of the dataset on rank 0's frozen target encoder ({} when COCO has no instances)."""
+    if tcfg.dataset == "shapes":
+        return probes(raw_model, train_set, val_set, tcfg.probe_train, rt.device, rt.autocast)
+    if probe_data is None:
+        return {}
+    return coco_probes(raw_model, probe_data, len(probe_data.val) if last else tcfg.probe_val, tcfg, rt)
+
+
+def evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, step, log_path, last):
+    """Validation losses on every rank (they are cheap), probes on rank 0 while the others wait at a
+    CPU barrier (no NCCL collective pending, so no NCCL timeout); rank 0 logs and prints."""
     v = val_losses(raw_model, val_batches, rt.device, rt.autocast)
     rec = dict(step=step, val_true=v["true"], val_shuffled=v["shuffled"], val_none=v["none"])
-    if rt.master and tcfg.dataset == "shapes":
-        rec.update(probes(raw_model, train_set, val_set, tcfg.probe_train, rt.device, rt.autocast))
     if rt.master:
+        t0 = time.time()
+        rec.update(run_probes(raw_model, train_set, val_set, probe_data, tcfg, rt, last))
+        rec["probe_s"] = time.time() - t0
         append_log(log_path, rec)
         print(f"step {step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items() if k != "step"))
+    if rt.ddp:
+        dist.barrier(group=rt.cpu_group)
     return rec
 
 
-def init_probes(mcfg, tcfg, train_set, val_set, rt, log_path, final):
+def init_probes(mcfg, tcfg, train_set, val_set, probe_data, rt, log_path, final):
     """The same probes on the very same encoder at initialization (random features are a strong
     baseline), printed beside the trained ones and logged."""
     init, _ = build_model(mcfg, tcfg, rt)
-    res = probes(init, train_set, val_set, tcfg.probe_train, rt.device, rt.autocast)
-    print("\nlinear probes on the frozen target encoder (shapes val):")
+    res = run_probes(init, train_set, val_set, probe_data, tcfg, rt, last=True)
+    if not res:
+        return
+    print(f"\nlinear probes on the frozen target encoder ({tcfg.dataset} val):")
     print(f"{'probe':<18}{'random init':>12}{'trained':>10}")
     for k, x in res.items():
         print(f"{k:<18}{x:>12.4f}{final[k]:>10.4f}")
@@ -772,6 +963,13 @@ NEVER = 2**62  # first_bad's value while every step has been finite
 EXIT_STOPPED = 75  # stopped by a signal after saving: resume (EX_TEMPFAIL, "try again later")
 
 
+DEAD_ZONE = 1e-3  # pos_frac below this for a whole log window: the rectified text losses have no gradient
+
+
+def dead_zone(pos_max, mcfg):
+    return mcfg.text_cond == "cross" and (mcfg.sparse_coef > 0 or mcfg.consist_coef > 0) and pos_max < DEAD_ZONE
+
+
 def log_record(done, vals, tcfg, raw_model, shapes, dt, n_steps, imgs, wait, rt):
     """The log line at step `done` (1-based) over the n_steps since the last one."""
     lr, wd, momentum = schedules(done - 1, tcfg)
@@ -790,7 +988,8 @@ def describe(tcfg, mcfg, train_set, raw_model, rt):
     return (f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | {rt.world} x "
             f"{rt.device.type} | batch {tcfg.batch_size} x {rt.world} x {tcfg.grad_accum} accum = "
             f"{tcfg.batch_size * rt.world * tcfg.grad_accum} | torch {torch.__version__}\n"
-            f"{tcfg.max_steps} steps, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps} from {tcfg.start_lr:g}, cosine to "
+            f"{tcfg.max_steps} steps = {tcfg.max_steps * tcfg.batch_size * rt.world * tcfg.grad_accum / len(train_set):.1f} "
+            f"epochs, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps} from {tcfg.start_lr:g}, cosine to "
             f"{tcfg.final_lr:g}), weight decay {tcfg.weight_decay:g} -> {tcfg.final_weight_decay:g}, EMA "
             f"{tcfg.ema_start:g} -> {tcfg.ema_end:g}, compile {'on' if rt.compile else 'off'}\n"
             f"model {n_params / 1e6:.2f}M trainable params: ViT {m.width}x{m.depth} ({m.heads} heads), patch "
@@ -808,6 +1007,7 @@ def main(argv=None):
     if not tcfg.bench:  # a benchmark leaves out_dir as it was
         prepare_out_dir(tcfg.out_dir)
     train_set, val_set = datasets(tcfg, mcfg)
+    tcfg = resolve_recipe(tcfg, len(train_set), rt.world)
     resume = os.path.join(tcfg.out_dir, "ckpt.pt") if tcfg.resume == "auto" else tcfg.resume
     ckpt = load_checkpoint(resume) if resume and (tcfg.resume != "auto" or os.path.exists(resume)) else None
     if tcfg.eval_only and ckpt is None:
@@ -836,10 +1036,15 @@ def main(argv=None):
         append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
                                   start_step=start_step, world=rt.world))
 
-    # ---- loaders: the train stream, and fixed val batches with fixed masks
+    # ---- loaders: the train stream, fixed val batches with fixed masks, the COCO probes' images
     val_batches = make_val_batches(val_set, collate, tcfg, mcfg)
+    probe_data = None
+    if tcfg.dataset == "coco" and rt.master and not tcfg.bench:
+        probe_data = coco_probe_data(tcfg, mcfg, train_set, val_set)
     if tcfg.eval_only:
-        evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, start_step, log_path)
+        final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, start_step, log_path, True)
+        if rt.master:
+            init_probes(mcfg, tcfg, train_set, val_set, probe_data, rt, log_path, final)
         return "done"
     data_iter = iter(make_loader(train_set, collate, tcfg, rt, start_step))
     one = next(data_iter) if tcfg.bench and tcfg.bench_one_batch else None  # the step alone, no loader
@@ -853,10 +1058,12 @@ def main(argv=None):
     status, bad_step, final = "done", None, None
     last_good = f"{resume} (step {start_step})" if ckpt is not None else None
     running, first_bad = None, torch.tensor(NEVER, device=rt.device)  # summed on the device: no sync per step
+    pos_max, warned = torch.zeros((), device=rt.device), False  # the largest pos_frac of the log window
     t0, paused, imgs, wait, since = time.time(), 0.0, 0, 0.0, start_step
     for step in range(start_step, tcfg.max_steps):
         out = train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt)
         running = out["parts"] if running is None else running + out["parts"]
+        pos_max = torch.maximum(pos_max, out["parts"][LOGGED.index("pos_frac")] / tcfg.grad_accum)
         first_bad = torch.where(out["finite"], first_bad, first_bad.clamp(max=step + 1))
         imgs, wait, done = imgs + out["n_img"], wait + out["data_wait"], step + 1
         if bar:
@@ -877,13 +1084,21 @@ def main(argv=None):
         n = done - since
         rec = log_record(done, (running / (n * tcfg.grad_accum)).tolist(), tcfg, raw_model, out["shapes"],
                          time.time() - t0 - paused, n, imgs, wait, rt)  # eval and save time is not step time
+        if not warned and dead_zone(pos_max.item(), mcfg):
+            warned = True
+            rt.print0(f"\nwarning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word "
+                      f"cosine is negative, so the sparsity and consistency losses (--sparse_coef {mcfg.sparse_coef:g} "
+                      f"--consist_coef {mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); lower them, "
+                      f"0 turns them off (notes/experiments.md §3)")
         running, t0, paused, imgs, wait, since = None, time.time(), 0.0, 0, 0.0, done
+        pos_max.zero_()
         if rt.master:
             append_log(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         t_pause = time.time()
         if due["eval"]:
-            final = evaluate(raw_model, val_batches, train_set, val_set, tcfg, rt, done, log_path)
+            final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, done, log_path,
+                             last=done == tcfg.max_steps)
         if due["save"] or stopping:
             if not all_finite(raw_model.state_dict(), opt.state_dict()):  # the same on every rank
                 status, bad_step = "nan", done
@@ -899,8 +1114,8 @@ def main(argv=None):
         bar.close()
 
     # ---- finish: the probes at initialization, and a last line that says what happened
-    if status == "done" and rt.master and tcfg.dataset == "shapes":
-        init_probes(mcfg, tcfg, train_set, val_set, rt, log_path, final)
+    if status == "done" and rt.master:
+        init_probes(mcfg, tcfg, train_set, val_set, probe_data, rt, log_path, final)
     if rt.ddp:
         dist.destroy_process_group()
     if status == "nan":
