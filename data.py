@@ -219,7 +219,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         color_map = color_lut.gather(1, flat).view_as(obj)
 
         # colors and background are normalized before painting, which saves two full-size passes
-        fg = self._palette().index_select(1, color_map.view(-1))  # (3, B*H*W); 4x faster than pal[:, map]
+        fg = self._palette().index_select(1, color_map.view(-1))  # (3, B*H*W); faster than pal[:, map] (notes/perf.md)
         fg = fg.view(3, *obj.shape).transpose(0, 1)  # (B, 3, H, W)
         images = torch.where(color_map[:, None] > 0, fg, self._background(scenes))  # (B, 3, H, W)
 

@@ -70,6 +70,10 @@ class TCJEPAConfig:
     consist_coef: float = 0.5  # beta, weight of the cross-layer consistency loss (paper: 0.5)
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
+    # learned offsets on the conditioner's queries and keys (their Linear and LayerNorm biases). False:
+    # none, as the paper's O = max(cos(W_Q q, W_K t), 0) writes it, so no shared direction can turn
+    # every cosine negative at no cost (the dead zone, notes/experiments.md §8)
+    qk_bias: bool = True
     # conditioner MLP hidden = cond_mlp_ratio * P. The paper gives no width; with 4 (the blocks')
     # a conditioner costs about a predictor block; 1 halves its FLOPs (a faster step, notes/perf.md)
     cond_mlp_ratio: float = 4.0
@@ -182,8 +186,8 @@ def gather_tokens(x, idx):
     return x.gather(1, idx[..., None].expand(-1, -1, x.size(-1)))
 
 
-def LayerNorm(dim):
-    return nn.LayerNorm(dim, eps=1e-6)  # I-JEPA's eps (torch's default is 1e-5)
+def LayerNorm(dim, bias=True):
+    return nn.LayerNorm(dim, eps=1e-6, bias=bias)  # I-JEPA's eps (torch's default is 1e-5)
 
 
 class MLP(nn.Module):
@@ -253,7 +257,7 @@ class TextEmbed(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.text_width, padding_idx=0)
         self.pos = nn.Parameter(torch.zeros(cfg.max_words, cfg.text_width))  # drawn in TCJEPA.init_weights
-        self.norm = LayerNorm(cfg.text_width)
+        self.norm = LayerNorm(cfg.text_width, bias=cfg.qk_bias)  # the keys' input
 
     def forward(self, tokens):
         return self.norm(self.tok(tokens) + self.pos[: tokens.size(-1)])
@@ -269,8 +273,9 @@ class TextConditioner(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         P, self.pool = cfg.pred_width, cfg.text_pool
-        self.norm_q = LayerNorm(P)
-        self.q, self.k, self.v = nn.Linear(P, P), nn.Linear(cfg.text_width, P), nn.Linear(cfg.text_width, P)
+        self.norm_q = LayerNorm(P, bias=cfg.qk_bias)
+        self.q, self.k = nn.Linear(P, P, bias=cfg.qk_bias), nn.Linear(cfg.text_width, P, bias=cfg.qk_bias)
+        self.v = nn.Linear(cfg.text_width, P)
         self.norm2, self.mlp = LayerNorm(P), MLP(P, int(P * cfg.cond_mlp_ratio))
 
     def forward(self, x, words, word_mask):

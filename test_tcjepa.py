@@ -3,6 +3,7 @@ checks a property (masks disjoint, EMA moves toward the weights, target gets no 
 
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -170,6 +171,27 @@ def test_text_conditioner_matches_naive_loop():
     torch.testing.assert_close(O, ref_O, atol=1e-5, rtol=1e-5)
     real = word_mask.any(-1)  # (B, C): the returned attention of a real caption is its softmax
     torch.testing.assert_close(att[real], ref_att[real], atol=1e-6, rtol=1e-5)
+
+
+def test_bias_free_queries_and_keys():
+    """qk_bias False: no learned offset reaches a query or a key, so a zero input gives zero q and k."""
+    torch.manual_seed(0)
+    m = TCJEPA(tiny_cfg(qk_bias=False))
+    cond = m.predictor.conds[0]
+    assert cond.q.bias is None and cond.k.bias is None and cond.norm_q.bias is None and m.text.norm.bias is None
+    assert cond.v.bias is not None  # values keep theirs
+    with torch.no_grad():  # even with trained (non-zero) norm weights: q and k are linear in the normalized input
+        cond.norm_q.weight.uniform_(0.5, 2)
+        x = torch.randn(1, 3, 24)
+        torch.testing.assert_close(cond.q(cond.norm_q(-x)), -cond.q(cond.norm_q(x)))
+        w = torch.randn(1, 2, 3, m.cfg.text_width)
+        torch.testing.assert_close(cond.k(m.text.norm(-w)), -cond.k(m.text.norm(w)))
+    g = torch.Generator().manual_seed(1)
+    tokens, wm = fake_text(2, m.cfg, g)
+    ctx, tgt = sample_masks(2, m.cfg, g)
+    out = m(torch.randn(2, 3, 32, 32), ctx, tgt, tokens, wm)
+    out["loss"].backward()  # trains as the default does
+    assert torch.isfinite(out["loss"]) and cond.q.weight.grad is not None
 
 
 def test_mean_pooled_captions_attend_to_the_mean_word():
@@ -432,6 +454,21 @@ POS_WORDS = {"top", "bottom", "left", "right", "center", "middle"}
 
 
 # ----------------------------------------------------------------------------- shapes
+
+
+def test_readme_example_prints_what_it_says():
+    """The model snippet of README.md runs and prints the numbers written in its comments."""
+    import contextlib
+    import io
+    import re
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    code = re.search(r"## The model in a few lines\s+```python\n(.*?)```", text, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {})
+    printed = out.getvalue().splitlines()
+    promised = [line.split("# ", 1)[1] for line in code.splitlines() if line.startswith("# {")]
+    assert promised and promised[0] in printed, (printed, promised)
 
 
 @pytest.fixture(scope="module")

@@ -970,6 +970,26 @@ def dead_zone(pos_max, mcfg):
     return mcfg.text_cond == "cross" and (mcfg.sparse_coef > 0 or mcfg.consist_coef > 0) and pos_max < DEAD_ZONE
 
 
+def dead_zone_warning(mcfg, since, done):
+    return (f"\nwarning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word cosine is "
+            f"negative, so the sparsity and consistency losses (--sparse_coef {mcfg.sparse_coef:g} --consist_coef "
+            f"{mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); lower them, 0 turns them off "
+            f"(notes/experiments.md §3)")
+
+
+def last_line(status, rt, tcfg, ckpt_path, log_path, done, bad_step, last_good):
+    """What happened, in the run's last line: raises for a non-finite stop (exit 1)."""
+    if status == "nan":
+        raise data.DataError(f"loss or gradient not finite at step {bad_step}: stopped, nothing after step "
+                             f"{bad_step - 1} was saved. Last good checkpoint: {last_good or 'none'}. Lower --lr "
+                             f"(now {tcfg.lr:g}) and resume from it with --resume, or start again")
+    if status == "stopped":
+        rt.print0(f"{rt.stop_signal or 'a signal on another rank'}: saved {ckpt_path} at step {done}; continue "
+                  f"with --resume {ckpt_path} (exit code {EXIT_STOPPED})")
+    else:
+        rt.print0(f"finished {tcfg.max_steps} steps. checkpoint: {ckpt_path}\nlog: {log_path}")
+
+
 def log_record(done, vals, tcfg, raw_model, shapes, dt, n_steps, imgs, wait, rt):
     """The log line at step `done` (1-based) over the n_steps since the last one."""
     lr, wd, momentum = schedules(done - 1, tcfg)
@@ -1085,11 +1105,7 @@ def main(argv=None):
         rec = log_record(done, (running / (n * tcfg.grad_accum)).tolist(), tcfg, raw_model, out["shapes"],
                          time.time() - t0 - paused, n, imgs, wait, rt)  # eval and save time is not step time
         if not warned and dead_zone(pos_max.item(), mcfg):
-            warned = True
-            rt.print0(f"\nwarning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word "
-                      f"cosine is negative, so the sparsity and consistency losses (--sparse_coef {mcfg.sparse_coef:g} "
-                      f"--consist_coef {mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); lower them, "
-                      f"0 turns them off (notes/experiments.md §3)")
+            warned = rt.print0(dead_zone_warning(mcfg, since, done)) or True
         running, t0, paused, imgs, wait, since = None, time.time(), 0.0, 0, 0.0, done
         pos_max.zero_()
         if rt.master:
@@ -1118,15 +1134,7 @@ def main(argv=None):
         init_probes(mcfg, tcfg, train_set, val_set, probe_data, rt, log_path, final)
     if rt.ddp:
         dist.destroy_process_group()
-    if status == "nan":
-        raise data.DataError(f"loss or gradient not finite at step {bad_step}: stopped, nothing after step "
-                             f"{bad_step - 1} was saved. Last good checkpoint: {last_good or 'none'}. Lower --lr "
-                             f"(now {tcfg.lr:g}) and resume from it with --resume, or start again")
-    if status == "stopped":
-        rt.print0(f"{rt.stop_signal or 'a signal on another rank'}: saved {ckpt_path} at step {done}; continue "
-                  f"with --resume {ckpt_path} (exit code {EXIT_STOPPED})")
-    else:
-        rt.print0(f"finished {tcfg.max_steps} steps. checkpoint: {ckpt_path}\nlog: {log_path}")
+    last_line(status, rt, tcfg, ckpt_path, log_path, done, bad_step, last_good)
     return status
 
 

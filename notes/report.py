@@ -1,10 +1,12 @@
 """
 Tables and curves of notes/experiments.md from the logs that notes/run_experiments.sh writes.
 
-  python notes/report.py [runs]      # prints markdown tables, writes notes/curves.png
+  python notes/report.py             # from the committed logs, notes/runs/<name>.jsonl
+  python notes/report.py runs        # from a fresh rerun, runs/<name>/log.jsonl
+  python notes/report.py --mech      # only the pre-registered test of notes/experiments.md §7 and its verdict
 
-Reads <runs>/<name>/log.jsonl. A run that has not finished is reported as missing, never guessed.
-matplotlib is needed here only (pip install matplotlib).
+A run that has not finished is reported as missing, never guessed. The first record of a log (the
+run's config) and any record without results are skipped. matplotlib is needed for the curves only.
 """
 
 import json
@@ -17,10 +19,17 @@ PROBES = ["dense_shape", "dense_shape_obj", "dense_color", "img_shape_ap", "img_
 VAL = ["val_true", "val_shuffled", "val_none"]
 
 
+def log_path(runs, name):
+    for path in (os.path.join(runs, f"{name}.jsonl"), os.path.join(runs, name, "log.jsonl")):
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def load(runs, name):
     """-> (train records, eval records, init probes) or None if the run has not finished."""
-    path = os.path.join(runs, name, "log.jsonl")
-    if not os.path.exists(path):
+    path = log_path(runs, name)
+    if path is None:
         return None
     recs = [json.loads(line) for line in open(path)]
     init = [r["init_probes"] for r in recs if "init_probes" in r]
@@ -141,5 +150,79 @@ def curves(runs):
     print("wrote notes/curves.png")
 
 
+# -----------------------------------------------------------------------------
+# notes/experiments.md §7: complement vs substitute captions, pre-registered
+
+ARMS = (("I-JEPA", "mech_ijepa", 3), ("TC-complement", "mech_comp", 3), ("TC-substitute", "mech_sub", 2),
+        ("TC-complement, shuffled captions", "mech_shuf", 2))
+GAINS = ("dense_shape_obj", "obj_shape", "img_shape_ap")  # primary first
+
+
+def mech(runs):
+    """The §7 table (gain = final - the same seed's encoder at init) and the verdict by the rule as written."""
+    arms = {}
+    for label, prefix, n in ARMS:
+        arms[prefix] = {}
+        for s in range(n):
+            d = load(runs, f"{prefix}_s{s}")
+            if d is not None and d[1] and d[1][-1]["step"] == 3000:
+                final, init = d[1][-1], d[2]
+                diag_path = os.path.join(runs, f"{prefix}_s{s}.diag.json")
+                diag = json.load(open(diag_path)) if os.path.exists(diag_path) else {}
+                arms[prefix][s] = dict(gain={k: final[k] - init[k] for k in GAINS}, final=final, diag=diag)
+    cols = [f"gain {k}" for k in GAINS] + VAL + ["elimination_ratio", "loss_object", "loss_background"]
+    out = ["| arm | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for label, prefix, n in ARMS:
+        r = arms[prefix]
+        cells = [fmt([x["gain"][k] for x in r.values()]) for k in GAINS]
+        cells += [fmt([x["final"][k] for x in r.values()]) for k in VAL]
+        cells += [fmt([x["diag"][k] for x in r.values() if k in x["diag"]])
+                  for k in ("elimination_ratio", "loss_object", "loss_background")]
+        out.append(f"| {label} | {len(r)} of {n} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("per seed, gain dense_shape_obj: " + "; ".join(
+        f"{prefix} " + ", ".join(f"s{s} {x['gain']['dense_shape_obj']:+.3f}" for s, x in sorted(arms[prefix].items()))
+        for _, prefix, _ in ARMS))
+    out.append("")
+    out.append("verdict: " + verdict(arms))
+    print("\n".join(out))
+
+
+def verdict(arms):
+    """The decision rule of notes/experiments.md §7, applied as written."""
+    need = {p: n for _, p, n in ARMS}
+    missing = [f"{p}_s{s}" for p, n in need.items() for s in range(n) if s not in arms[p]]
+    if any(s not in arms["mech_comp"] for s in range(3)):
+        return f"incomplete: missing {', '.join(missing)}"
+    comp, ij, sub, shuf = (arms[p] for p in ("mech_comp", "mech_ijepa", "mech_sub", "mech_shuf"))
+    mean = statistics.mean
+    vt, vs = mean(x["final"]["val_true"] for x in comp.values()), mean(x["final"]["val_shuffled"] for x in comp.values())
+    if not vt <= 0.8 * vs:
+        return f"manipulation check failed (val_true {vt:.4f} > 0.8 x val_shuffled {vs:.4f}): shape words unused: inconclusive"
+    lines = [f"manipulation check passed (TC-complement val_true {vt:.4f} <= 0.8 x val_shuffled {vs:.4f})"]
+    g = lambda arm, s: arm[s]["gain"]["dense_shape_obj"]  # noqa: E731
+    if any(s not in ij for s in range(3)) or any(s not in shuf for s in range(2)):
+        return "; ".join(lines + [f"incomplete for A and B: missing {', '.join(missing)}"])
+    diff = mean(g(comp, s) for s in range(3)) - mean(g(ij, s) for s in range(3))
+    a = (diff >= 0.02 and all(g(comp, s) > g(ij, s) for s in range(3)) and mean(g(comp, s) for s in range(3)) > 0
+         and all(g(comp, s) - g(shuf, s) >= 0.02 for s in range(2)))
+    lines.append(f"A (the paper's direction): {'holds' if a else 'does not hold'} (gain complement - I-JEPA {diff:+.3f}; "
+                 f"paired {', '.join(f'{g(comp, s) - g(ij, s):+.3f}' for s in range(3))}; complement - shuffled "
+                 f"{', '.join(f'{g(comp, s) - g(shuf, s):+.3f}' for s in range(2))})")
+    if any(s not in sub for s in range(2)):
+        lines.append(f"B: incomplete, missing {', '.join(m for m in missing if m.startswith('mech_sub'))}")
+        return "; ".join(lines)
+    b = (all(g(sub, s) - g(ij, s) <= -0.02 for s in range(2))
+         and abs(mean(g(shuf, s) for s in range(2)) - mean(g(ij, s) for s in range(2))) < 0.02)
+    lines.append(f"B (the caption stands in): {'holds' if b else 'does not hold'} (substitute - I-JEPA "
+                 f"{', '.join(f'{g(sub, s) - g(ij, s):+.3f}' for s in range(2))}; |shuffled - I-JEPA| "
+                 f"{abs(mean(g(shuf, s) for s in range(2)) - mean(g(ij, s) for s in range(2))):.3f})")
+    if not (a or b):
+        lines.append("otherwise: no effect at this scale")
+    return "; ".join(lines)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs")
+    args = [a for a in sys.argv[1:] if a != "--mech"]
+    where = args[0] if args else os.path.join(HERE, "runs")
+    mech(where) if "--mech" in sys.argv else main(where)
