@@ -33,7 +33,7 @@ def load(path):
     model.load_state_dict(ckpt["model"])
     if "tokenizer_json" in ckpt:  # checkpoints carry their tokenizer
         return model.eval(), cfg, data.tokenizer_from_str(ckpt["tokenizer_json"], path)
-    tok_path = ckpt["tokenizer"]  # older ones (runs/ of the first sessions) name its file
+    tok_path = ckpt["tokenizer"]  # older checkpoints name its file
     if not os.path.exists(tok_path):  # the checkpoint's folder moved: look beside it
         tok_path = os.path.join(os.path.dirname(path), "tokenizer.json")
     return model.eval(), cfg, data.load_tokenizer(tok_path)

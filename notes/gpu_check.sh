@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The ONE prepared GPU run. The workplace lends an H200 to some sessions only, 15 minutes of device
-# time in all (start-up included) and at most 10 minutes a command, so this script starts no new
+# The GPU measurements in one short script, sized for a short loan of one GPU: it starts no new
 # section after BUDGET seconds (default 240; each section is capped at 150 s, so the script ends
-# within ~7 minutes) and leaves room for one rerun. At most 8 files come back from $OUT.
+# within ~7 minutes), which leaves room for one rerun in 15 minutes. It writes at most 8 files.
 # Run from the repository root on the GPU machine; everything lands in $OUT (default /tmp/gpu_out):
 #   bash notes/gpu_check.sh
 # 1. the CUDA tests: bf16 + torch.compile + fused attention, no host sync in a whole step

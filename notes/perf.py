@@ -206,7 +206,7 @@ def main():
     out.append(dict(what="masks B=256 grid 14x14 (vit_b16, min_keep 10)", vectorized_ms=1000 * vec,
                     python_loop_ms=1000 * loop, speedup=loop / vec, torch_loop_ms=1000 * tloop,
                     speedup_vs_torch_loop=tloop / vec))
-    # the two changes of the third session: the union of blocks as a matmul, and no sort of the context
+    # two speed-ups of the sampler (notes/perf.md): the union of blocks as a matmul, and no sort of the context
     matmul_union = tcjepa._block_union
     tcjepa._block_union = boolean_union
     boolean = timeit(lambda: tcjepa.sample_masks(256, cfg, g), repeats=21)
