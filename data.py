@@ -609,7 +609,7 @@ def instance_label_map(anns, height, width):
     decreasing area, so a cup on a table stays a cup. A pixel belongs to a polygon when its centre
     (x + 0.5, y + 0.5) is inside it, as COCO's own masks (pycocotools) do; PIL's ImageDraw.polygon also
     paints the outline and truncates the vertices, which grows a mask by ~1 px on the right and bottom
-    (+21% area on 3-10 px objects). A polygon with several parts paints all of them. Labels < 256."""
+    (a large error on small objects, notes/coco.md). A polygon with several parts paints all of them. Labels < 256."""
     out = torch.zeros(height, width, dtype=torch.uint8)  # a third of the memory traffic of long
     for label, _, seg, _ in sorted(anns, key=lambda a: -a[1]):  # stable: equal areas keep file order
         if isinstance(seg, dict):

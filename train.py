@@ -129,6 +129,8 @@ def apply_preset(name, given):
     train_kw, model_kw = PRESETS[name]
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
     off = {rule: 0.0 for field, rule in REPLACED_BY.items() if field in given and rule not in given}
+    if "max_steps" in given and "warmup_epochs" not in given:  # a shortened run: its warmup in steps too
+        off["warmup_epochs"] = 0.0
     tcfg = TrainConfig(**{**train_kw, **off, **{k: v for k, v in given.items() if k in tfields}})
     mcfg = TCJEPAConfig(**{**model_kw, **{k: v for k, v in given.items() if k not in tfields}})
     return tcfg, mcfg
@@ -1013,7 +1015,9 @@ def describe(tcfg, mcfg, train_set, raw_model, rt):
             f"{tcfg.final_lr:g}), weight decay {tcfg.weight_decay:g} -> {tcfg.final_weight_decay:g}, EMA "
             f"{tcfg.ema_start:g} -> {tcfg.ema_end:g}, compile {'on' if rt.compile else 'off'}\n"
             f"model {n_params / 1e6:.2f}M trainable params: ViT {m.width}x{m.depth} ({m.heads} heads), patch "
-            f"{m.patch_size} at {m.img_size} px, predictor {m.pred_width}x{m.pred_depth} | {text}")
+            f"{m.patch_size} at {m.img_size} px, predictor {m.pred_width}x{m.pred_depth} | {text}"
+            + (f"\nnote: the warmup ({tcfg.warmup_steps} steps) is as long as the run: the lr never reaches its peak"
+               if tcfg.warmup_steps >= tcfg.max_steps else ""))
 
 
 def main(argv=None):
