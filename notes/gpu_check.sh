@@ -46,14 +46,15 @@ COMPILE="--compile on"
 section canary --width 64 --depth 2 --heads 2 --pred_width 32 --pred_depth 2 --text_width 32 --batch_size 32 \
   --shapes_size 2000 --val_size 32 --compile on --bench 20 --bench_warmup 5 || COMPILE="--compile off"
 
-VITB="--preset vit_b16 --img_size 224 --batch_size 128 --n_captions 5 --val_size 128 --shapes_size 2000 $COMPILE"
+SIZE="--img_size 224 --batch_size 128 --n_captions 5 --val_size 128 --shapes_size 2000 $COMPILE"
+VITB="--preset vit_b16 $SIZE"  # the paper's model on the built-in data
 for tc in none cross; do
   left "vitb_$tc" && section "vitb_$tc" $VITB --text_cond $tc --bench 30 --bench_warmup 10 --bench_one_batch true
 done
 
-if left "coco"; then  # the default --num_workers for COCO: -1, auto (nproc - 1 here; the bench line says)
+if left "coco"; then  # the coco preset's --num_workers: -1, auto (nproc - 1 here; the bench line says)
   $PY notes/perf.py --coco-fixture /tmp/coco_fix 400 \
-    && section coco $VITB --dataset coco --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10
+    && section coco --preset coco $SIZE --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10
 fi
 
 left "vitb_mlp1" && section vitb_mlp1 $VITB --text_cond cross --cond_mlp_ratio 1 --bench 30 --bench_warmup 10 \
