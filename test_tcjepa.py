@@ -1310,7 +1310,7 @@ def test_update_that_goes_non_finite_is_never_saved(tmp_path):
     out = run_train(*TINY, "--max_steps", "30", "--lr", "1e4", "--start_lr", "1e4", "--warmup_steps", "0",
                     "--save_every", "1", "--log_every", "1", "--out_dir", str(d), check=False)
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode == 1 and last.startswith("error: loss or gradient not finite at step "), out.stderr[-1500:]
+    assert out.returncode == 1 and last.startswith("error: loss, gradient or weights not finite at step "), out.stderr[-1500:]
     assert "Lower --lr" in last and "Traceback" not in out.stderr
     bad = int(last.split("at step ")[1].split(":")[0])
     if bad > 1:
@@ -1371,6 +1371,14 @@ def test_resume_after_a_kill_and_of_a_finished_run(tmp_path):
     assert sum("init_probes" in r for r in recs) == 1 and "config" in recs[0]
     assert train_log(d)[6]["loss"] == pytest.approx(first[6]["loss"], rel=1e-5, abs=1e-6)
     assert not list(d.glob("*.tmp"))
+
+
+def test_resume_keeps_the_global_batch(tmp_path):
+    d = tmp_path / "g"
+    run_train(*TINY, "--max_steps", "2", "--out_dir", str(d))
+    out = run_train(*TINY, "--max_steps", "4", "--batch_size", "4", "--out_dir", str(d), "--resume", "auto", check=False)
+    assert out.returncode == 1 and "global batch of 8 x 1 processes x 1 accum" in out.stderr.strip().splitlines()[-1]
+    run_train(*TINY, "--max_steps", "4", "--batch_size", "4", "--grad_accum", "2", "--out_dir", str(d), "--resume", "auto")
 
 
 def test_first_log_record_is_the_effective_config(tmp_path):

@@ -7,8 +7,9 @@ Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data or
 
 Every field of TrainConfig and TCJEPAConfig is a flag; a preset fills the fields not given
 (`shapes` by default, `coco` with --dataset coco). `python train.py --help` shows, for each flag,
-the value every preset uses. Exit codes: 0 finished, 75 stopped by a signal after saving a
-checkpoint (resume with --resume), 1 failed (the last line says why).
+the value every preset uses. Exit codes (of each process; torchrun reports its own): 0 finished,
+75 stopped by a signal after saving a checkpoint (resume with --resume), 1 failed (the last line
+says why).
 """
 
 import argparse
@@ -346,14 +347,21 @@ def setup(tcfg):
     rt = Runtime(ddp, rank, local_rank, world, device, tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda),
                  autocast, cpu_group)
     for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
-        signal.signal(sig, lambda s, f: setattr(rt, "stop_signal", signal.Signals(s).name))
+        signal.signal(sig, lambda s, f: on_stop_signal(rt, s))
     return rt
+
+
+def on_stop_signal(rt, sig):
+    """The first SIGTERM / SIGINT asks the loop to save and stop; a second one is not caught (it ends
+    the process at once, e.g. a second Ctrl-C during a long evaluation)."""
+    rt.stop_signal = signal.Signals(sig).name
+    signal.signal(sig, signal.SIG_DFL)
 
 
 def stop_requested(rt):
     """Did this process, or (under DDP) any rank, get a stop signal? The ranks ask every step: one
     all-reduce of one CPU number, far cheaper than a step (notes/perf.md), so a signal is acted on
-    within one step, inside torchrun's 30 s before it kills."""
+    within one step (or after the evaluation in progress), inside torchrun's 30 s before it kills."""
     if not rt.ddp:
         return rt.stop_signal is not None
     flag = torch.tensor(float(rt.stop_signal is not None))
@@ -420,12 +428,12 @@ def all_finite(*state_dicts):
     return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd) if t.is_floating_point())
 
 
-def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer):
+def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world):
     """Atomic: a temp file named for this process, then a rename over the old one (a kill never
     leaves half a file). The tokenizer travels inside (its json). A failed write (disk full) removes
     the temp file, keeps the previous checkpoint and stops with one line."""
     state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
-                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer_json=tokenizer.to_str(),
+                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer_json=tokenizer.to_str(), world=world,
                  rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -449,7 +457,12 @@ def trim_log(path, step):
     initialization that a finished run wrote last (the resumed run writes them again when it ends)."""
     if not os.path.exists(path):
         return
-    recs = [json.loads(line) for line in open(path) if line.strip()]
+    recs = []
+    for line in open(path):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+            pass
     keep = [json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= step and "init_probes" not in r]
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -536,6 +549,11 @@ def restore(raw_model, opt, ckpt, tcfg, mcfg, rt):
     if changed:
         rt.print0("resuming with changed training flags: " + ", ".join(
             f"{k} {ckpt['train_config'][k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
+    t = ckpt["train_config"]
+    if "world" in ckpt and t["batch_size"] * t["grad_accum"] * ckpt["world"] != tcfg.batch_size * tcfg.grad_accum * rt.world:
+        raise data.DataError(f"--resume: the checkpoint was trained with a global batch of {t['batch_size']} x "
+                             f"{ckpt['world']} processes x {t['grad_accum']} accum; keep it (e.g. --grad_accum) so "
+                             f"that the schedule and the data order stay the same")
     raw_model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -543,8 +561,8 @@ def restore(raw_model, opt, ckpt, tcfg, mcfg, rt):
 
 
 def wrap(raw_model, rt):
-    """torch.compile, then DDP around the compiled model, as torch's docs advise (dynamo then splits
-    the graph at DDP's buckets so the all-reduce overlaps the backward); buffers are constant: no
+    """torch.compile, then DDP around the compiled model (nanoGPT's order; dynamo still splits the
+    graph at DDP's buckets, so the all-reduce overlaps the backward); buffers are constant: no
     broadcast. Checkpoints and the EMA use the raw model (no "_orig_mod." keys)."""
     model = torch.compile(raw_model) if rt.compile else raw_model
     if rt.ddp:
@@ -560,7 +578,8 @@ def make_loader(train_set, collate, tcfg, rt, start_step):
 
 
 def make_val_batches(val_set, collate, tcfg, mcfg):
-    """Fixed val images with fixed masks: the same for every evaluation and every run of a seed."""
+    """Fixed val images with fixed masks: the same for every evaluation, and for every run of a seed
+    and batch size (the masks are drawn per batch)."""
     batches, n_val = [], min(tcfg.val_size, len(val_set))
     for i in range(0, n_val, tcfg.batch_size):
         b = collate([val_set[(j, 1000 + j)] for j in range(i, min(n_val, i + tcfg.batch_size))])
@@ -579,7 +598,8 @@ def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
     """One optimizer step of grad_accum micro-steps. Returns dict(parts: the LOGGED values summed
     over the micro-steps, finite: whether the loss and the gradient norm are finite (both kept on
     the device: no host sync), n_img, shapes: the last (Nc, Nt), data_wait: seconds blocked on the
-    loader). A non-finite step is caught before opt.step() can write it into the weights."""
+    loader). A non-finite step still updates the weights in memory, but the loop reads `finite` at the
+    next check point and then logs and saves nothing of it or after it."""
     lr, wd, momentum = schedules(step, tcfg)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -831,6 +851,10 @@ def coco_probe_data(tcfg, mcfg, train_set, val_set):
         return None
     idx = [i for i in idx if train_set.ids[i] in rec_tr]
     jdx = [j for j in range(len(val_set)) if val_set.ids[j] in rec_va]
+    if not idx or not jdx:
+        print(f"the instances files list none of the {'train' if not idx else 'val'} images: no COCO probes; "
+              f"training goes on with validation losses only")
+        return None
     vocab = data.caption_word_vocab([train_set.captions[i] for i in idx], tcfg.probe_words)
     kw = dict(vocab=vocab, n_classes=len(names), img_size=mcfg.img_size, patch_size=mcfg.patch_size)
     tr = data.CocoProbeSet([train_set.files[i] for i in idx], [rec_tr[train_set.ids[i]] for i in idx],
@@ -849,7 +873,7 @@ def coco_features(raw_model, probe_set, n, tcfg, rt, batch_size=64):
     """(target patch features (B, N, D) float, the batch's ground truth) for the first n images."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(probe_set, range(min(n, len(probe_set)))),
                                          batch_size=batch_size, collate_fn=data.probe_collate,
-                                         num_workers=tcfg.num_workers)
+                                         num_workers=tcfg.num_workers, worker_init_fn=ignore_stop_signals)
     for b in loader:
         with rt.autocast:
             yield raw_model.encode(b["image"].to(rt.device)).float(), b
@@ -982,7 +1006,7 @@ def dead_zone_warning(mcfg, since, done):
 def last_line(status, rt, tcfg, ckpt_path, log_path, done, bad_step, last_good):
     """What happened, in the run's last line: raises for a non-finite stop (exit 1)."""
     if status == "nan":
-        raise data.DataError(f"loss or gradient not finite at step {bad_step}: stopped, nothing after step "
+        raise data.DataError(f"loss, gradient or weights not finite at step {bad_step}: stopped, nothing after step "
                              f"{bad_step - 1} was saved. Last good checkpoint: {last_good or 'none'}. Lower --lr "
                              f"(now {tcfg.lr:g}) and resume from it with --resume, or start again")
     if status == "stopped":
@@ -1116,16 +1140,18 @@ def main(argv=None):
             append_log(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         t_pause = time.time()
-        if due["eval"]:
-            final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, done, log_path,
-                             last=done == tcfg.max_steps)
-        if due["save"] or stopping:
+        if due["save"] or stopping:  # before the evaluation: a signal or a failing probe cannot cost it
             if not all_finite(raw_model.state_dict(), opt.state_dict()):  # the same on every rank
                 status, bad_step = "nan", done
                 break
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tokenizer)
+                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tokenizer, rt.world)
+            if rt.ddp:  # no rank exits (and makes torchrun kill rank 0) before the file is written
+                dist.barrier(group=rt.cpu_group)
             last_good = f"{ckpt_path} (step {done})"
+        if due["eval"] and not stopping:
+            final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, done, log_path,
+                             last=done == tcfg.max_steps)
         paused += time.time() - t_pause
         if stopping:
             status = "stopped"
