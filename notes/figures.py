@@ -3,6 +3,7 @@ Pictures of notes/experiments.md from a trained TC-JEPA checkpoint on the built-
 
   python notes/figures.py runs/tc_s0/ckpt.pt       # writes notes/masks.png, attention.png, steer.png
   python notes/figures.py runs/tc_s0/ckpt.pt --table-only   # only the steering table (any checkpoint)
+  python notes/figures.py --pairs                  # notes/pairs.png: the data and masks of notes/experiments.md §7
 
 masks.png      a val image with its context and target blocks (tcjepa.sample_masks)
 attention.png  patch-to-word attention: for a few val images and one caption each, the attention
@@ -233,6 +234,36 @@ def steer_table(model, cfg, tokenizer, val, n_images=100, n_bank=400, k=10):
         print(f"| {key} | {torch.stack(v).mean():.2f} |")
 
 
+def fig_pairs(plt):
+    """notes/pairs.png: the data and masks of notes/experiments.md §7, with both kinds of caption."""
+    import dataclasses
+    cfg = dataclasses.replace(TCJEPAConfig(), n_targets=2, target_scale=(0.25, 0.25), target_aspect=(1.0, 1.0),
+                              context_scale=(1.0, 1.0))
+    comp = data.ShapesDataset("val", layout="pairs", captions="complement").render(range(4))
+    sub = data.ShapesDataset("val", layout="pairs", captions="substitute").render(range(4))
+    ctx, tgt = sample_masks(4, cfg, torch.Generator().manual_seed(0))
+    G, p = cfg.grid, cfg.patch_size
+    fig, ax = plt.subplots(1, 4, figsize=(16, 4.6))
+    for i in range(4):
+        ax[i].imshow(show(comp["images"][i]))
+        shade = torch.zeros(G * G, 4)
+        shade[:, 3] = 0.6
+        shade[ctx[i], 3] = 0.0
+        ax[i].imshow(shade.view(G, G, 4).numpy(), extent=(0, G * p, G * p, 0))
+        for m, color in zip(range(tgt.size(1)), ("tab:red", "tab:blue")):
+            ys, xs = tgt[i, m] // G, tgt[i, m] % G
+            ax[i].add_patch(plt.Rectangle((xs.min() * p - 0.5, ys.min() * p - 0.5), 4 * p, 4 * p, fill=False, lw=2,
+                                          ec=color))
+        ax[i].set_title(f"complement: {comp['captions'][i][0]}\nsubstitute: {sub['captions'][i][0]}", fontsize=7.5)
+        ax[i].axis("off")
+    fig.suptitle("the pairs layout: the same images in both arms; clear = context (cut to the batch minimum), "
+                 "boxes = the two target blocks",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "pairs.png"), dpi=100)
+    print("wrote notes/pairs.png")
+
+
 def main(path):
     import matplotlib
 
@@ -250,7 +281,12 @@ def main(path):
 
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "runs/tc_s0/ckpt.pt"
-    if "--table-only" in sys.argv:
+    if "--pairs" in sys.argv:  # no checkpoint needed
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig_pairs(plt)
+    elif "--table-only" in sys.argv:
         model, cfg, tokenizer = load(path)
         steer_table(model, cfg, tokenizer, data.ShapesDataset("val", img_size=cfg.img_size))
     else:
