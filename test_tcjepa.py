@@ -1497,22 +1497,24 @@ def test_captions_without_words_stop_text_conditioning(coco_dir, tmp_path):
 def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
     """--bench times steps after the warm-up and reports how long the step waited for data: a
     loader slowed by 60 ms per batch must show up as >= 60 ms of wait in every timed step."""
-    collate = train.data.Collate.__call__
+    collate, calls = train.data.Collate.__call__, []
 
     def slow_collate(self, items):
+        calls.append(len(items))
         time.sleep(0.06)
         return collate(self, items)
 
     monkeypatch.setattr(train.data.Collate, "__call__", slow_collate)
     rec = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--out_dir", str(tmp_path / "b")])
+    assert len(calls) == 2 + 4  # 2 val batches, then one batch per step
     assert rec["steps"] == 3 and rec["mfu"] is None and rec["recompiles_after_warmup"] == 0  # CPU: no known peak
     assert 60 <= rec["data_wait_ms_per_step"] < rec["ms_per_step"]
     assert rec["img_per_s"] == pytest.approx(8 * 1000 / rec["ms_per_step"], rel=1e-6)
     # --bench_one_batch times the step alone: the slow loader is called once, before the warm-up
     one = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--bench_one_batch", "true",
                       "--out_dir", str(tmp_path / "one")])
-    assert one["data_wait_ms_per_step"] < 5 and one["ms_per_step"] < rec["ms_per_step"] - 40
-    assert not os.listdir(tmp_path / "b")  # a benchmark leaves out_dir as it was (its tokenizer stays in memory)
+    assert one["data_wait_ms_per_step"] < 5 and len(calls) == 6 + 2 + 1  # val batches, then one batch for all steps
+    assert not (tmp_path / "b").exists()  # a benchmark leaves out_dir as it was (its tokenizer stays in memory)
 
 
 def test_train_on_coco_fixture(coco_dir, tmp_path):
@@ -1585,10 +1587,10 @@ def test_recipe_scales_lr_with_the_global_batch():
 
 
 def test_dead_zone_warning(tmp_path):
-    out = run_train(*TINY, "--max_steps", "4", "--log_every", "2", "--sparse_coef", "0.1", "--consist_coef", "0.5",
+    out = run_train(*TINY, "--max_steps", "4", "--log_every", "1", "--sparse_coef", "0.1", "--consist_coef", "0.5",
                     "--out_dir", str(tmp_path / "dz"))
-    recs = train_log(tmp_path / "dz")
-    window_low = any(max(recs[s]["pos_frac"] for s in (k, k + 1)) < train.DEAD_ZONE for k in (1, 3))
+    recs = train_log(tmp_path / "dz")  # windows of one step: the window's largest pos_frac is the logged one
+    window_low = any(r["pos_frac"] < train.DEAD_ZONE for r in recs.values())
     assert ("have gone inert" in out.stdout) == window_low  # a fresh model has positive cosines: no warning
     assert train.dead_zone(0.0, TCJEPAConfig(sparse_coef=0.1)) and not train.dead_zone(0.0, TCJEPAConfig(sparse_coef=0, consist_coef=0))
     assert not train.dead_zone(0.2, TCJEPAConfig()) and not train.dead_zone(0.0, TCJEPAConfig(text_cond="none"))
@@ -1681,7 +1683,7 @@ def test_presets_fill_only_what_is_not_given():
     t, m = train.parse_args([])
     assert t.max_steps == 1000 and m.sparse_coef == 0.0  # shapes default: text losses off (dead zone)
     t, m = train.parse_args(["--dataset", "coco"])
-    assert (t.lr, t.ema_start, m.width, m.sparse_coef, m.consist_coef) == (1e-3, 0.996, 768, 0.1, 0.5)
+    assert (t.lr_per_256, t.ema_start, m.width, m.sparse_coef, m.consist_coef) == (1.25e-4, 0.996, 768, 0.1, 0.5)
 
 
 @pytest.mark.parametrize("flags, needle", [
