@@ -201,23 +201,33 @@ def verdict(arms):
         return f"manipulation check failed (val_true {vt:.4f} > 0.8 x val_shuffled {vs:.4f}): shape words unused: inconclusive"
     lines = [f"manipulation check passed (TC-complement val_true {vt:.4f} <= 0.8 x val_shuffled {vs:.4f})"]
     g = lambda arm, s: arm[s]["gain"]["dense_shape_obj"]  # noqa: E731
-    if any(s not in ij for s in range(3)) or any(s not in shuf for s in range(2)):
-        return "; ".join(lines + [f"incomplete for A and B: missing {', '.join(missing)}"])
-    diff = mean(g(comp, s) for s in range(3)) - mean(g(ij, s) for s in range(3))
-    a = (diff >= 0.02 and all(g(comp, s) > g(ij, s) for s in range(3)) and mean(g(comp, s) for s in range(3)) > 0
-         and all(g(comp, s) - g(shuf, s) >= 0.02 for s in range(2)))
-    lines.append(f"A (the paper's direction): {'holds' if a else 'does not hold'} (gain complement - I-JEPA {diff:+.3f}; "
-                 f"paired {', '.join(f'{g(comp, s) - g(ij, s):+.3f}' for s in range(3))}; complement - shuffled "
-                 f"{', '.join(f'{g(comp, s) - g(shuf, s):+.3f}' for s in range(2))})")
-    if any(s not in sub for s in range(2)):
-        lines.append(f"B: incomplete, missing {', '.join(m for m in missing if m.startswith('mech_sub'))}")
+    have = lambda arm, n: all(s in arm for s in range(n))  # noqa: E731
+    # A: every condition that the finished runs can decide; A holds only if all hold
+    conds = []
+    if have(ij, 3):
+        diff = mean(g(comp, s) for s in range(3)) - mean(g(ij, s) for s in range(3))
+        conds.append((f"gain complement - I-JEPA {diff:+.3f} >= +0.02", diff >= 0.02))
+        paired = [g(comp, s) - g(ij, s) for s in range(3)]
+        conds.append((f"paired differences {', '.join(f'{d:+.3f}' for d in paired)} all > 0", all(d > 0 for d in paired)))
+    conds.append((f"gain complement {mean(g(comp, s) for s in range(3)):+.3f} > 0", mean(g(comp, s) for s in range(3)) > 0))
+    if have(shuf, 2):
+        d = [g(comp, s) - g(shuf, s) for s in range(2)]
+        conds.append((f"complement - shuffled {', '.join(f'{x:+.3f}' for x in d)} >= +0.02", all(x >= 0.02 for x in d)))
+    failed = [c for c, ok in conds if not ok]
+    complete = have(ij, 3) and have(shuf, 2)
+    a = complete and not failed
+    state = "does not hold" if failed else ("holds" if a else "undecided, runs missing")
+    lines.append(f"A (the paper's direction): {state} ({'; '.join(f'{c}: {ok}' for c, ok in conds)})")
+    # B: needs the substitute and the shuffled arms
+    if not (have(sub, 2) and have(shuf, 2) and have(ij, 2)):
+        lines.append(f"B (the caption stands in): undecided, missing {', '.join(m for m in missing if 'sub' in m or 'shuf' in m)}")
         return "; ".join(lines)
     b = (all(g(sub, s) - g(ij, s) <= -0.02 for s in range(2))
          and abs(mean(g(shuf, s) for s in range(2)) - mean(g(ij, s) for s in range(2))) < 0.02)
     lines.append(f"B (the caption stands in): {'holds' if b else 'does not hold'} (substitute - I-JEPA "
                  f"{', '.join(f'{g(sub, s) - g(ij, s):+.3f}' for s in range(2))}; |shuffled - I-JEPA| "
                  f"{abs(mean(g(shuf, s) for s in range(2)) - mean(g(ij, s) for s in range(2))):.3f})")
-    if not (a or b):
+    if not (a or b) and complete:
         lines.append("otherwise: no effect at this scale")
     return "; ".join(lines)
 
