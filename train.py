@@ -1133,7 +1133,8 @@ def main(argv=None):
         rec = log_record(done, (running / (n * tcfg.grad_accum)).tolist(), tcfg, raw_model, out["shapes"],
                          time.time() - t0 - paused, n, imgs, wait, rt)  # eval and save time is not step time
         if not warned and dead_zone(pos_max.item(), mcfg):
-            warned = rt.print0(dead_zone_warning(mcfg, since, done)) or True
+            rt.print0(dead_zone_warning(mcfg, since, done))
+            warned = True
         running, t0, paused, imgs, wait, since = None, time.time(), 0.0, 0, 0.0, done
         pos_max.zero_()
         if rt.master:
