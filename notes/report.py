@@ -4,6 +4,7 @@ Tables and curves of notes/experiments.md from the logs that notes/run_experimen
   python notes/report.py             # from the committed logs, notes/runs/<name>.jsonl
   python notes/report.py runs        # from a fresh rerun, runs/<name>/log.jsonl
   python notes/report.py --mech      # only the pre-registered test of notes/experiments.md §7 and its verdict
+  python notes/report.py --dead      # only the dead-zone test of notes/experiments.md §8
 
 A run that has not finished is reported as missing, never guessed. The first record of a log (the
 run's config) and any record without results are skipped. matplotlib is needed for the curves only.
@@ -232,7 +233,38 @@ def verdict(arms):
     return "; ".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# notes/experiments.md §8: the paper's lambda / beta with and without offsets on the queries and keys
+
+DEAD_RUNS = (("lambda = beta = 0", "tc_s0"), ("paper's lambda 0.1, beta 0.5", "tc_paper_s0"),
+             ("paper's lambda 0.1, beta 0.5, --qk_bias false", "tc_paper_nobias_s0"))
+DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these steps (each a mean over 25 steps)
+
+
+def dead(runs):
+    cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["attn_entropy (end)", "val_true", "val_shuffled", "val_none",
+                                                     "dense_shape_obj", "img_shape_ap"]
+    out = ["| run (seed 0, 1500 steps) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, name in DEAD_RUNS:
+        d = load(runs, name)
+        if d is None:
+            out.append(f"| {label} | " + " | ".join("not run" if i == 0 else "-" for i in range(len(cols))) + " |")
+            continue
+        train, evals = d[0], d[1]
+        by_step = {r["step"]: r for r in train}
+        cells = [f"{by_step[s]['pos_frac']:.4f}" if s in by_step else "-" for s in DEAD_STEPS]
+        cells.append(fmt([statistics.mean(r["attn_entropy"] for r in train[-6:])]))  # the last 150 steps
+        cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap"]]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n".join(out))
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--mech"]
+    args = [a for a in sys.argv[1:] if a not in ("--mech", "--dead")]
     where = args[0] if args else os.path.join(HERE, "runs")
-    mech(where) if "--mech" in sys.argv else main(where)
+    if "--mech" in sys.argv:
+        mech(where)
+    elif "--dead" in sys.argv:
+        dead(where)
+    else:
+        main(where)
