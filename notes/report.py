@@ -187,6 +187,33 @@ def mech(runs):
     out.append("")
     out.append("verdict: " + verdict(arms))
     print("\n".join(out))
+    mech_figure(arms)
+
+
+def mech_figure(arms):
+    """notes/mech_gains.png: each seed's gain per arm, a line joining the same seed (paired) across arms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no figure)")
+        return
+    fig, ax = plt.subplots(1, len(GAINS), figsize=(5 * len(GAINS), 3.8))
+    labels = [label for label, _, _ in ARMS]
+    for a, k in zip(ax, GAINS):
+        for s, color in zip(range(3), ("tab:blue", "tab:orange", "tab:green")):
+            xs = [i for i, (_, p, _) in enumerate(ARMS) if s in arms[p]]
+            ys = [arms[ARMS[i][1]][s]["gain"][k] for i in xs]
+            a.plot(xs, ys, "o-", color=color, alpha=0.8, label=f"seed {s}")
+        a.axhline(0, color="gray", lw=0.8)
+        a.set_xticks(range(len(labels)), [lb.replace(", ", ",\n") for lb in labels], fontsize=8)
+        a.set(title=f"gain {k} (step 3000 - init)")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "mech_gains.png"), dpi=110)
+    print("wrote notes/mech_gains.png")
 
 
 def verdict(arms):
