@@ -5,7 +5,8 @@ the true captions already give for a hidden object.
 
   python notes/mechanism.py runs/mech_comp_s0/ckpt.pt [more checkpoints]   # one JSON line each
 
-On 1,024 val images with masks drawn as in training, seeded 0 (batch 64; the same for every run):
+On the first 1,024 images of the run's own val split (drawn from the run's seed, so the same in every
+arm for one seed) with masks drawn as in training, seeded 0 (batch 64):
   loss_object, loss_background  the mean per-patch prediction loss, true captions, on target
                                 patches that show an object / only background
   elim_true, elim_oracle        on the target patches of an object with no patch in the context
@@ -15,6 +16,8 @@ On 1,024 val images with masks drawn as in training, seeded 0 (batch 64; the sam
   elimination_ratio             elim_true / elim_oracle: 1 = the true captions and the context tell
                                 the predictor as much about the hidden shape as the oracle does
 A checkpoint without text (I-JEPA) gets the same numbers; its captions change nothing (ratio 1).
+The oracle caption has no position word: for a model trained on `substitute` captions ("a star at
+the top left") it is a form never seen in training, so that arm's ratio is not comparable.
 """
 
 import json
