@@ -4,7 +4,8 @@ Tables and curves of notes/experiments.md from the logs that notes/run_experimen
   python notes/report.py             # from the committed logs, notes/runs/<name>.jsonl
   python notes/report.py runs        # from a fresh rerun, runs/<name>/log.jsonl
   python notes/report.py --mech      # only the pre-registered test of notes/experiments.md §7 and its verdict
-  python notes/report.py --dead      # only the dead-zone test of notes/experiments.md §8
+  python notes/report.py --dead      # only the dead-zone test of notes/experiments.md §8 (+ <run>.dead.json
+                                     # from python notes/dead_zone.py runs/<run>/ckpt.pt)
 
 A run that has not finished is reported as missing, never guessed. The first record of a log (the
 run's config) and any record without results are skipped. matplotlib is needed for the curves only.
@@ -269,8 +270,9 @@ DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these step
 
 
 def dead(runs):
+    cone_keys = ("q_cone", "k_cone", "cos_means", "pos_frac_centered")  # notes/dead_zone.py, mean over layers
     cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["attn_entropy (end)", "val_true", "val_shuffled", "val_none",
-                                                     "dense_shape_obj", "img_shape_ap"]
+                                                     "dense_shape_obj", "img_shape_ap", *cone_keys]
     out = ["| run (seed 0, 1500 steps) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for label, name in DEAD_RUNS:
         d = load(runs, name)
@@ -282,6 +284,9 @@ def dead(runs):
         cells = [f"{by_step[s]['pos_frac']:.4f}" if s in by_step else "-" for s in DEAD_STEPS]
         cells.append(fmt([statistics.mean(r["attn_entropy"] for r in train[-6:])]))  # the last 150 steps
         cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap"]]
+        cone_path = os.path.join(runs, f"{name}.dead.json")
+        layers = json.load(open(cone_path))["layers"] if os.path.exists(cone_path) else []
+        cells += [fmt([statistics.mean(r[k] for r in layers)]) if layers else "-" for k in cone_keys]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     print("\n".join(out))
 
