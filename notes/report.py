@@ -265,7 +265,8 @@ def verdict(arms):
 # notes/experiments.md §8: the paper's lambda / beta with and without offsets on the queries and keys
 
 DEAD_RUNS = (("lambda = beta = 0", "tc_s0"), ("paper's lambda 0.1, beta 0.5", "tc_paper_s0"),
-             ("paper's lambda 0.1, beta 0.5, --qk_bias false", "tc_paper_nobias_s0"))
+             ("paper's lambda 0.1, beta 0.5, --qk_bias false", "tc_paper_nobias_s0"),
+             ("paper's lambda 0.1, beta 0.5, --qk_center true", "tc_paper_center_s0"))
 DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these steps (each a mean over 25 steps)
 
 
