@@ -13,6 +13,8 @@ on the queries and keys the dot products use (after the centring of --qk_center 
   cos_means          the cosine between the mean query and the mean key
   pos_frac_centered  pos_frac after subtracting the mean query and the mean key: what is left of
                      the similarities once the shared directions are taken out
+  q_spread           how much the queries of one image differ: the mean distance of a query to its
+                     image's mean query over the mean query norm (before any centring; 0 = all equal)
 """
 
 import json
@@ -64,6 +66,7 @@ def diagnose(path, n_images=256):
     rows = []
     for i in range(len(layers)):
         q, k, wm = seen[i]["q"], seen[i]["k"], batch["word_mask"]  # (B, Q, P), (B, C, S, P), (B, C, S)
+        spread = float((q - q.mean(1, keepdim=True)).norm(dim=-1).mean() / q.norm(dim=-1).mean())
         if cfg.qk_center:  # the vectors the model's dot products use (TextConditioner.forward)
             w = wm[..., None].float()
             q = q - q.mean(1, keepdim=True)
@@ -72,7 +75,7 @@ def diagnose(path, n_images=256):
         q_mean, k_mean = q_all.mean(0), k_all.mean(0)
         rows.append(dict(layer=i, pos_frac=positive(q, k, wm), q_cone=cone(q_all), k_cone=cone(k_all),
                          cos_means=float(F.cosine_similarity(q_mean, k_mean, dim=0)),
-                         pos_frac_centered=positive(q - q_mean, k - k_mean, wm)))
+                         pos_frac_centered=positive(q - q_mean, k - k_mean, wm), q_spread=spread))
     return dict(checkpoint=path, sparse_coef=cfg.sparse_coef, consist_coef=cfg.consist_coef,
                 qk_bias=cfg.qk_bias, layers=rows)
 

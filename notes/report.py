@@ -271,7 +271,7 @@ DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these step
 
 
 def dead(runs):
-    cone_keys = ("q_cone", "k_cone", "cos_means", "pos_frac_centered")  # notes/dead_zone.py, mean over layers
+    cone_keys = ("q_cone", "k_cone", "cos_means", "pos_frac_centered", "q_spread")  # notes/dead_zone.py, mean over layers
     cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["attn_entropy (end)", "val_true", "val_shuffled", "val_none",
                                                      "dense_shape_obj", "img_shape_ap", *cone_keys]
     out = ["| run (seed 0, 1500 steps) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -287,7 +287,7 @@ def dead(runs):
         cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap"]]
         cone_path = os.path.join(runs, f"{name}.dead.json")
         layers = json.load(open(cone_path))["layers"] if os.path.exists(cone_path) else []
-        cells += [fmt([statistics.mean(r[k] for r in layers)]) if layers else "-" for k in cone_keys]
+        cells += [fmt([statistics.mean(r[k] for r in layers)]) if layers and k in layers[0] else "-" for k in cone_keys]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     print("\n".join(out))
 
