@@ -74,10 +74,6 @@ class TCJEPAConfig:
     # none, as the paper's O = max(cos(W_Q q, W_K t), 0) writes it. It does not avoid the dead zone
     # (notes/experiments.md §8): the queries share a direction without any bias
     qk_bias: bool = True
-    # not in the paper: subtract each image's mean query (over its predictor tokens) and mean key
-    # (over its real words) before the dot products of the attention and of O, so no shared
-    # direction can turn every cosine negative (the dead zone's cause, notes/experiments.md §8)
-    qk_center: bool = False
     # conditioner MLP hidden = cond_mlp_ratio * P. The paper gives no width; with 4 (the blocks')
     # a conditioner costs about a predictor block; 1 halves its FLOPs (a faster step, notes/perf.md)
     cond_mlp_ratio: float = 4.0
@@ -276,7 +272,7 @@ class TextConditioner(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        P, self.pool, self.center = cfg.pred_width, cfg.text_pool, cfg.qk_center
+        P, self.pool = cfg.pred_width, cfg.text_pool
         self.norm_q = LayerNorm(P, bias=cfg.qk_bias)
         self.q, self.k = nn.Linear(P, P, bias=cfg.qk_bias), nn.Linear(cfg.text_width, P, bias=cfg.qk_bias)
         self.v = nn.Linear(cfg.text_width, P)
@@ -293,10 +289,6 @@ class TextConditioner(nn.Module):
             word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
         q = self.q(self.norm_q(x))  # (B, Q, P)
         k, v = self.k(words), self.v(words)  # (B, C, S, P)
-        if self.center:  # the dot products of centred vectors sum to 0: they cannot all be negative
-            w = word_mask[..., None].float()  # (B, C, S, 1)
-            q = q - q.mean(1, keepdim=True)
-            k = k - (k * w).sum((1, 2), keepdim=True) / w.sum((1, 2), keepdim=True).clamp(min=1)
         # captions lead, (B, C, Q, .): the values are then one batched matmul with no transposed
         # copies (with `max` below: a faster conditioner, notes/perf.md)
         dots = torch.einsum("bqp,bcsp->bcqs", q, k)  # (B, C, Q, S)

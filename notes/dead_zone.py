@@ -5,8 +5,7 @@ opposed, so that every patch-word cosine is negative?
 
   python notes/dead_zone.py runs/tc_paper_nobias_s0/ckpt.pt [more checkpoints]   # one JSON line each
 
-On 256 val images (the run's own val split) with masks seeded 0, for each conditioned predictor layer,
-on the queries and keys the dot products use (after the centring of --qk_center true, if set):
+On 256 val images (the run's own val split) with masks seeded 0, for each conditioned predictor layer:
   pos_frac           share of positive cosines cos(W_Q q, W_K t) over real words (what the losses see)
   q_cone, k_cone     the norm of the mean unit query (over all predictor tokens) and of the mean unit
                      key (over all real words): 1 = every vector points the same way, ~0 = spread out
@@ -67,10 +66,6 @@ def diagnose(path, n_images=256):
     for i in range(len(layers)):
         q, k, wm = seen[i]["q"], seen[i]["k"], batch["word_mask"]  # (B, Q, P), (B, C, S, P), (B, C, S)
         spread = float((q - q.mean(1, keepdim=True)).norm(dim=-1).mean() / q.norm(dim=-1).mean())
-        if cfg.qk_center:  # the vectors the model's dot products use (TextConditioner.forward)
-            w = wm[..., None].float()
-            q = q - q.mean(1, keepdim=True)
-            k = k - (k * w).sum((1, 2), keepdim=True) / w.sum((1, 2), keepdim=True).clamp(min=1)
         q_all, k_all = q.flatten(0, 1), k[wm]  # every predictor token, every real word
         q_mean, k_mean = q_all.mean(0), k_all.mean(0)
         rows.append(dict(layer=i, pos_frac=positive(q, k, wm), q_cone=cone(q_all), k_cone=cone(k_all),

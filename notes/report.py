@@ -266,14 +266,15 @@ def verdict(arms):
 
 DEAD_RUNS = (("lambda = beta = 0", "tc_s0"), ("paper's lambda 0.1, beta 0.5", "tc_paper_s0"),
              ("paper's lambda 0.1, beta 0.5, --qk_bias false", "tc_paper_nobias_s0"),
-             ("paper's lambda 0.1, beta 0.5, --qk_center true", "tc_paper_center_s0"))
+             ("queries and keys centred (commit 9798b9d), lambda = beta = 0", "tc_center_s0"),
+             ("queries and keys centred (commit 9798b9d), paper's lambda 0.1, beta 0.5", "tc_paper_center_s0"))
 DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these steps (each a mean over 25 steps)
 
 
 def dead(runs):
     cone_keys = ("q_cone", "k_cone", "cos_means", "pos_frac_centered", "q_spread")  # notes/dead_zone.py, mean over layers
     cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["attn_entropy (end)", "val_true", "val_shuffled", "val_none",
-                                                     "dense_shape_obj", "img_shape_ap", *cone_keys]
+                                                     "dense_shape_obj", "img_shape_ap", "rankme", *cone_keys]
     out = ["| run (seed 0, 1500 steps) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for label, name in DEAD_RUNS:
         d = load(runs, name)
@@ -284,7 +285,7 @@ def dead(runs):
         by_step = {r["step"]: r for r in train}
         cells = [f"{by_step[s]['pos_frac']:.4f}" if s in by_step else "-" for s in DEAD_STEPS]
         cells.append(fmt([statistics.mean(r["attn_entropy"] for r in train[-6:])]))  # the last 150 steps
-        cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap"]]
+        cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap", "rankme"]]
         cone_path = os.path.join(runs, f"{name}.dead.json")
         layers = json.load(open(cone_path))["layers"] if os.path.exists(cone_path) else []
         cells += [fmt([statistics.mean(r[k] for r in layers)]) if layers and k in layers[0] else "-" for k in cone_keys]

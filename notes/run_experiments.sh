@@ -23,7 +23,6 @@ runs=(
   "tc_s0                 $TC --seed 0"
   "tc_paper_s0           --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
   "tc_paper_nobias_s0    --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --qk_bias false --seed 0"  # §8
-  "tc_paper_center_s0    --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --qk_center true --seed 0"  # §8
   "ijepa_s1              --text_cond none --seed 1"
   "tc_s1                 $TC --seed 1"
   "ijepa_s2              --text_cond none --seed 2"
