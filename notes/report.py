@@ -108,14 +108,25 @@ def main(runs):
     curves(runs)
 
 
-def curves(runs):
+def pyplot():
+    """matplotlib.pyplot without a display, or None (then the figures are skipped)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no curves)")
+        print("(matplotlib not installed: no figures)")
+        return None
+    return plt
+
+
+def curves(runs):
+    if not all(load(runs, f"{name}_s{s}") for name in ("ijepa", "tc") for s in (0, 1, 2)):
+        print("(I-JEPA and TC-JEPA seeds 0-2 not all there: notes/curves.png left as it is)")
+        return
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for name, color in (("ijepa", "tab:blue"), ("tc", "tab:orange"), ("shuf", "tab:gray")):
@@ -193,13 +204,8 @@ def mech(runs):
 
 def mech_figure(arms):
     """notes/mech_gains.png: each seed's gain per arm, a line joining the same seed (paired) across arms."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no figure)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(1, len(GAINS), figsize=(5 * len(GAINS), 3.8))
     labels = [label for label, _, _ in ARMS]
