@@ -37,7 +37,16 @@ def load(runs, name):
     init = [r["init_probes"] for r in recs if "init_probes" in r]
     if not init:
         return None
-    return [r for r in recs if "loss" in r], [r for r in recs if "val_true" in r], init[-1]
+    # a run resumed by a train.py older than its log trimming logs the steps after its checkpoint
+    # twice (the same values: the resume is exact); keep the last record of each step
+    train = {r["step"]: r for r in recs if "loss" in r}
+    return [train[k] for k in sorted(train)], [r for r in recs if "val_true" in r], init[-1]
+
+
+def step_minutes(train):
+    """Minutes spent in training steps (evaluation and saving excluded), from each record's ms_per_step."""
+    steps = [r["step"] for r in train]
+    return sum(r["ms_per_step"] * (s - p) for r, s, p in zip(train, steps, [0] + steps[:-1])) / 60e3
 
 
 def fmt(values):
@@ -182,7 +191,8 @@ def mech(runs):
                 final, init = d[1][-1], d[2]
                 diag_path = os.path.join(runs, f"{prefix}_s{s}.diag.json")
                 diag = json.load(open(diag_path)) if os.path.exists(diag_path) else {}
-                arms[prefix][s] = dict(gain={k: final[k] - init[k] for k in GAINS}, final=final, diag=diag)
+                arms[prefix][s] = dict(gain={k: final[k] - init[k] for k in GAINS}, final=final, diag=diag,
+                                       minutes=step_minutes(d[0]))
     cols = [f"gain {k}" for k in GAINS] + VAL + ["elimination_ratio", "loss_object", "loss_background"]
     out = ["| arm | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, prefix, n in ARMS:
@@ -196,6 +206,8 @@ def mech(runs):
     out.append("per seed, gain dense_shape_obj: " + "; ".join(
         f"{prefix} " + ", ".join(f"s{s} {x['gain']['dense_shape_obj']:+.3f}" for s, x in sorted(arms[prefix].items()))
         for _, prefix, _ in ARMS))
+    out.append("minutes in training steps: " + "; ".join(
+        f"{prefix} " + ", ".join(f"{x['minutes']:.0f}" for _, x in sorted(arms[prefix].items())) for _, prefix, _ in ARMS))
     out.append("")
     out.append("verdict: " + verdict(arms))
     print("\n".join(out))
