@@ -291,7 +291,7 @@ DEAD_STEPS = (25, 100, 175, 500, 1000, 1500)  # pos_frac as logged at these step
 
 def dead(runs):
     cone_keys = ("q_cone", "k_cone", "cos_means", "pos_frac_centered", "q_spread")  # notes/dead_zone.py, mean over layers
-    cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["attn_entropy (end)", "val_true", "val_shuffled", "val_none",
+    cols = [f"pos_frac @{s}" for s in DEAD_STEPS] + ["first step < 0.001", "max after step 100", "attn_entropy (end)", "val_true", "val_shuffled", "val_none",
                                                      "dense_shape_obj", "img_shape_ap", "rankme", *cone_keys]
     out = ["| run (seed 0, 1500 steps) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for label, name in DEAD_RUNS:
@@ -302,6 +302,8 @@ def dead(runs):
         train, evals = d[0], d[1]
         by_step = {r["step"]: r for r in train}
         cells = [f"{by_step[s]['pos_frac']:.4f}" if s in by_step else "-" for s in DEAD_STEPS]
+        cells.append(str(next((r["step"] for r in train if r["pos_frac"] < 1e-3), "never")))
+        cells.append(f"{max(r['pos_frac'] for r in train if r['step'] > 100):.4f}")
         cells.append(fmt([statistics.mean(r["attn_entropy"] for r in train[-6:])]))  # the last 150 steps
         cells += [fmt([evals[-1][k]]) for k in VAL + ["dense_shape_obj", "img_shape_ap", "rankme"]]
         cone_path = os.path.join(runs, f"{name}.dead.json")
