@@ -747,3 +747,92 @@ def probe_collate(items):
         raise DataError("every image in this batch was unreadable: see the 'skipping' lines above and "
                         "re-download the files they name")
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# =============================================================================
+# grounding: does a patch attend to the words of the object it shows? (shapes ground truth)
+
+
+def object_words(shape_labels, color_labels, tokenizer):
+    """Per patch, the token ids of the shape word and the colour word of the object on it:
+    shape_labels / color_labels (B, N) patch labels (0 background, 1 + index) -> (B, N, 2), 0 for
+    background (and for a word the tokenizer does not know)."""
+    def ids(words):
+        return torch.tensor([0] + [tokenizer.token_to_id(w) or 0 for w in words])
+    return torch.stack([ids(SHAPES)[shape_labels], ids(COLORS)[color_labels]], -1)
+
+
+def grounding_sums(scores, tokens, word_mask, words_at, is_ctx, color_ids):
+    """Per layer, is a predictor token's highest-scoring word one of its object's words, and how well
+    do its scores rank those words above the caption's other words? Sums, to add over batches
+    (grounding_summary turns them into rates).
+
+    scores (Lyr, B, Q, C, S): the rectified cosines O, or the attention; tokens, word_mask (B, C, S);
+    words_at (B, Q, 2): the shape and colour word of the object at each token's patch (object_words,
+    0 = background); is_ctx (B, Q): a context token (else a target token); color_ids: every colour
+    word's id. A (token, caption) pair counts when the token's patch shows an object and the caption
+    names it: the caption has the object's shape word and, unless it has no colour word at all, its
+    colour word; and at least one of its words is not the object's. Its object words are the
+    caption's words equal to the object's shape or colour word. Ties share: when k words tie for
+    the top score, a hit counts (object words among them) / k, so all-equal scores (O = 0
+    everywhere) give chance. AUC: P(object word scores above another word), ties 1/2."""
+    real = word_mask[:, None]  # (B, 1, C, S)
+    tok = tokens[:, None]  # (B, 1, C, S)
+    is_shape = (tok == words_at[..., 0, None, None]) & real  # (B, Q, C, S)
+    is_color = (tok == words_at[..., 1, None, None]) & real
+    has_color_word = (torch.isin(tokens, color_ids) & word_mask).any(-1)[:, None]  # (B, 1, C)
+    pos = is_shape | is_color  # (B, Q, C, S)
+    named = ((words_at[..., 0] > 0)[..., None] & is_shape.any(-1) & (is_color.any(-1) | ~has_color_word)
+             & (real & ~pos).any(-1))  # (B, Q, C)
+    b, q, c = named.nonzero(as_tuple=True)
+    pos, real = pos[b, q, c], word_mask[b, c]  # (n, S)
+    x = scores[:, b, q, c].float()  # (Lyr, n, S)
+    split = (~is_ctx[b, q]).long()  # (n,) 0 context, 1 target
+    top = x.masked_fill(~real, float("-inf")).amax(-1, keepdim=True)  # (Lyr, n, 1)
+    tied = (x == top) & real
+    hit = (tied & pos).sum(-1) / tied.sum(-1)  # (Lyr, n)
+    pairs = (pos[:, :, None] & (real & ~pos)[:, None, :]).float()  # (n, S, S): (object word, other word)
+    above = (x[..., :, None] > x[..., None, :]).float() + 0.5 * (x[..., :, None] == x[..., None, :]).float()
+    auc = (above * pairs).sum((-1, -2)) / pairs.sum((-1, -2))  # (Lyr, n)
+    Lyr = scores.size(0)
+    return dict(n=torch.zeros(2).index_add_(0, split, torch.ones(len(b))),
+                hit=torch.zeros(Lyr, 2).index_add_(1, split, hit),
+                auc=torch.zeros(Lyr, 2).index_add_(1, split, auc),
+                chance=torch.zeros(2).index_add_(0, split, pos.sum(-1) / real.sum(-1)))
+
+
+def grounding_summary(sums, name):
+    """Sums of grounding_sums (added over batches) -> {name: top-1 rate over all counted pairs, mean
+    over layers; name_auc; name_tgt, name_ctx: the rate over target / context tokens only;
+    name_layers: the rate per layer}, plus ground_chance (the rate of a word drawn at random) and
+    ground_pairs (pairs counted). NaN where no pair counted."""
+    n, hit, auc = sums["n"], sums["hit"], sums["auc"]  # (2,), (Lyr, 2), (Lyr, 2)
+    per_layer = hit.sum(1) / n.sum()  # (Lyr,)
+    return {name: float(per_layer.mean()), f"{name}_auc": float((auc.sum(1) / n.sum()).mean()),
+            f"{name}_tgt": float((hit[:, 1] / n[1]).mean()), f"{name}_ctx": float((hit[:, 0] / n[0]).mean()),
+            f"{name}_layers": [round(float(x), 4) for x in per_layer],
+            "ground_chance": float(sums["chance"].sum() / n.sum()), "ground_pairs": int(n.sum())}
+
+
+@torch.no_grad()
+def grounding_probe(predict, batches, dataset, tokenizer, patch_size):
+    """ground_o / ground_attn (grounding_summary) of a model on fixed shapes batches, the rectified
+    cosines O and the attention scored alike. predict(images, ctx, tgt, tokens, word_mask) ->
+    (O (Lyr, B, Q, C, S), attention (Lyr, B, C, Q, S)); batches: dicts with images, tokens,
+    word_mask, ctx (B, Nc), tgt (B, M, Nt) and indices (B,) into the ShapesDataset `dataset`."""
+    color_ids = torch.tensor([tokenizer.token_to_id(w) or -1 for w in COLORS])
+    sums = {}
+    for b in batches:
+        gt = dataset.render(b["indices"].tolist())
+        at_patch = object_words(patch_labels(gt["shape_map"], patch_size), patch_labels(gt["color_map"], patch_size),
+                                tokenizer)  # (B, N, 2)
+        (B, Nc), (M, Nt) = b["ctx"].shape, b["tgt"].shape[1:]
+        # the predictor's token order: per target block, the context then the block (tcjepa.Predictor)
+        patch = torch.cat([b["ctx"][:, None].expand(B, M, Nc), b["tgt"]], 2).flatten(1)  # (B, Q)
+        is_ctx = (torch.arange(Nc + Nt) < Nc).repeat(M).expand(B, -1)  # (B, Q)
+        words_at = at_patch.gather(1, patch[..., None].expand(-1, -1, 2))  # (B, Q, 2)
+        sims, att = predict(b["images"], b["ctx"], b["tgt"], b["tokens"], b["word_mask"])
+        for name, scores in (("ground_o", sims), ("ground_attn", att.transpose(2, 3))):
+            s = grounding_sums(scores.cpu(), b["tokens"], b["word_mask"], words_at, is_ctx, color_ids)
+            sums[name] = s if name not in sums else {k: sums[name][k] + v for k, v in s.items()}
+    return {**grounding_summary(sums["ground_o"], "ground_o"), **grounding_summary(sums["ground_attn"], "ground_attn")}

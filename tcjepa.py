@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 
 # the fields that take one of a few words (train.py's command line uses these too)
-CHOICES = dict(text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"))
+CHOICES = dict(text_cond=("cross", "none"), text_pool=("word", "mean"), pred_loss=("smooth_l1", "l2"),
+               sim_mode=("paper", "cosine", "attention"))
 
 
 @dataclass
@@ -68,6 +69,12 @@ class TCJEPAConfig:
     text_width: int = 64  # T: width of the learned word embeddings (paper: frozen T5)
     sparse_coef: float = 0.1  # lambda, weight of the sparsity loss (paper: 0.1)
     consist_coef: float = 0.5  # beta, weight of the cross-layer consistency loss (paper: 0.5)
+    # how patch-word similarities make the attention and the two losses. "paper": softmax of dot
+    # products, losses on O (has trivial minima: notes/paper.md §2.5). Not in the paper (§5.1):
+    # "cosine": attention = softmax over the words' cosines / cos_temp and a null word of cosine 0,
+    # losses on O as the paper; "attention": the paper's attention, sparsity = its entropy, consistency on it
+    sim_mode: str = "paper"
+    cos_temp: float = 0.1  # sim_mode "cosine": temperature of the cosine logits (fixed: a learned one could shrink O)
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
     # learned offsets on the conditioner's queries and keys (their Linear and LayerNorm biases). False:
@@ -268,11 +275,12 @@ class TextConditioner(nn.Module):
     predictor token (context and mask tokens), then a two-layer MLP with LayerNorm. Choices (§4):
     one head (the paper's similarity O is one number per token-word pair), 1/sqrt(P) scaling,
     pre-norm, no output projection, max-pool over captions BEFORE the MLP (C x cheaper).
-    text_pool "mean" (ablation, caption-level conditioning): each caption is one mean word."""
+    text_pool "mean" (ablation, caption-level conditioning): each caption is one mean word.
+    sim_mode "cosine" (not in the paper, §5.1) builds the attention from the cosines themselves."""
 
     def __init__(self, cfg):
         super().__init__()
-        P, self.pool = cfg.pred_width, cfg.text_pool
+        P, self.pool, self.sim_mode, self.cos_temp = cfg.pred_width, cfg.text_pool, cfg.sim_mode, cfg.cos_temp
         self.norm_q = LayerNorm(P, bias=cfg.qk_bias)
         self.q, self.k = nn.Linear(P, P, bias=cfg.qk_bias), nn.Linear(cfg.text_width, P, bias=cfg.qk_bias)
         self.v = nn.Linear(cfg.text_width, P)
@@ -281,8 +289,8 @@ class TextConditioner(nn.Module):
     def forward(self, x, words, word_mask):
         """x (B, Q, P) tokens of an image (all its M sequences side by side), words (B, C, S, T),
         word_mask (B, C, S) True for real words. Returns the new x, the rectified cosine
-        patch-word similarities O (B, Q, C, S), zero at padding, the mean attention entropy and the
-        attention (B, C, Q, S) (S = 1 with text_pool "mean")."""
+        patch-word similarities O (B, Q, C, S), zero at padding, the mean attention entropy over
+        the words and the attention (B, C, Q, S) (S = 1 with text_pool "mean")."""
         if self.pool == "mean":  # one vector per caption: the mean of its words (K, V are affine: pool first)
             w = word_mask[..., None].float()  # (B, C, S, 1)
             words = (words * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)  # (B, C, 1, T)
@@ -292,10 +300,21 @@ class TextConditioner(nn.Module):
         # captions lead, (B, C, Q, .): the values are then one batched matmul with no transposed
         # copies (with `max` below: a faster conditioner, notes/perf.md)
         dots = torch.einsum("bqp,bcsp->bcqs", q, k)  # (B, C, Q, S)
+        # §2.4: O = max(cos(W_Q q, K), 0), from the same dot products: cos = q.k / (|q| |k|)
+        cos = dots / (q.norm(dim=-1)[:, None, :, None] * k.norm(dim=-1)[:, :, None] + 1e-6)  # (B, C, Q, S)
         mask = word_mask[:, :, None]  # (B, C, 1, S)
-        # a caption with no words attends uniformly (masked to 0 below), instead of NaN
-        att = dots.mul(q.size(-1) ** -0.5).masked_fill(~mask, float("-inf"))
-        att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0).softmax(-1)
+        if self.sim_mode == "cosine":
+            # §5.1: logits are the cosines / cos_temp, and a null word of cosine 0 (value 0) takes the
+            # rest. The paper's softmax ignores a constant added to all of a query's logits, and
+            # cosines can all go negative (O = 0) or shrink to 0 without changing it (§2.5); here both
+            # move the weight from the words to the null word, so they cost the prediction its text.
+            logits = (cos / self.cos_temp).masked_fill(~mask, float("-inf"))
+            null = logits.new_zeros(logits.shape[:-1] + (1,))  # (B, C, Q, 1)
+            att = torch.cat([logits, null], -1).softmax(-1)[..., :-1]  # (B, C, Q, S), sums to < 1
+        else:
+            # a caption with no words attends uniformly (masked to 0 below), instead of NaN
+            att = dots.mul(q.size(-1) ** -0.5).masked_fill(~mask, float("-inf"))
+            att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0).softmax(-1)
         y = att @ v  # (B, C, Q, P): one conditioned token per caption
         # §2.3: max-pool the C conditioned tokens x + y_c; max_c (x + y_c) = x + max_c y_c, so pool y.
         # Padded captions never win. max (not amax): its backward is a scatter, not an equality test.
@@ -304,22 +323,26 @@ class TextConditioner(nn.Module):
         y = torch.where(has_words.any(1), y, 0.0)  # an image with no caption gets no text
         x = x + y
         x = x + self.mlp(self.norm2(x))
-        # §2.4: O = max(cos(W_Q q, K), 0), from the same dot products: cos = q.k / (|q| |k|)
-        cos = dots / (q.norm(dim=-1)[:, None, :, None] * k.norm(dim=-1)[:, :, None] + 1e-6)  # (B, C, Q, S)
-        with torch.no_grad():  # diagnostic: attention entropy (nats) over real captions
-            ent = -(att * att.clamp(min=1e-12).log()).sum(-1)  # (B, C, Q)
+        with torch.no_grad():  # diagnostic: entropy (nats) of the attention over the words of real captions
+            p = att / att.sum(-1, keepdim=True).clamp(min=1e-12)  # (the null word of "cosine" left out)
+            ent = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (B, C, Q)
             ent = (ent * has_words[..., 0]).sum() / (has_words.sum() * ent.size(2)).clamp(min=1)
         return x, (cos.clamp(min=0) * mask).transpose(1, 2), ent, att  # O as (B, Q, C, S)
 
 
-def text_losses(sims, word_mask):
+def text_losses(sims, word_mask, entropy=False):
     """notes/paper.md §2.4, on the similarities of all layers: sims (Lyr, B, Q, C, S).
     L_sparse = mean over tokens and captions of (1/Lyr) sum_l ||O^l||_1
     L_consist = mean over tokens and captions of (1/Lyr) sum_l ||O^l - mean_l O^l||_1
+    entropy=True (sim_mode "attention", §5.1): sims is the attention, and the entropy of each
+    layer's attention replaces ||O^l||_1 (the L1 of a distribution is always 1).
     Only real captions count (padded words are already 0 in sims)."""
     has_words = word_mask.any(-1)[:, None, :].float()  # (B, 1, C)
     denom = (has_words.sum() * sims.size(2)).clamp(min=1)  # number of (token, caption) pairs
-    sparse = sims.sum(-1).mean(0)  # (B, Q, C): L1 over words, mean over layers
+    if entropy:
+        sparse = -(sims * sims.clamp(min=1e-12).log()).sum(-1).mean(0)  # (B, Q, C): nats, mean over layers
+    else:
+        sparse = sims.sum(-1).mean(0)  # (B, Q, C): L1 over words, mean over layers
     consist = (sims - sims.mean(0)).abs().sum(-1).mean(0)  # (B, Q, C)
     return (sparse * has_words).sum() / denom, (consist * has_words).sum() / denom
 
@@ -422,7 +445,7 @@ class TCJEPA(nn.Module):
         """The forward pass without the losses: images (B, 3, H, W), ctx (B, Nc), tgt (B, M, Nt),
         tokens / word_mask (B, C, S). Returns dict(pred, targets (B*M, Nt, D) each, sims
         (layers, B, M*L, C, S), attn_entropy, attention (layers, B, C, M*L, S) if asked); the text
-        entries are None without text. Diagnostics and figures read this (notes/)."""
+        entries are None without text. The losses, the grounding probe and figures read this."""
         B, M, Nt = tgt.shape
         with torch.no_grad():  # §1.3 targets: last layer of the EMA encoder, layer-normed again
             h = self.target(images)  # (B, N, D)
@@ -435,10 +458,12 @@ class TCJEPA(nn.Module):
 
     def forward(self, images, ctx, tgt, tokens=None, word_mask=None):
         """Returns a dict of scalar losses: loss (the total), loss_pred, loss_sparse, loss_consist,
-        plus two detached diagnostics of the text path (notes/paper.md §2.5, the dead zone):
-        pos_frac, the share of positive patch-word cosines, and attn_entropy, the mean
-        word-attention entropy. Arguments as predict."""
-        out = self.predict(images, ctx, tgt, tokens, word_mask)
+        plus three detached diagnostics of the text path (notes/paper.md §2.5): pos_frac, the
+        share of positive patch-word cosines; pos_cos, the mean of the positive ones (a share can
+        stay put while every cosine shrinks to 0); attn_entropy, the mean word-attention entropy.
+        Arguments as predict."""
+        entropy = self.cfg.sim_mode == "attention"  # its losses are on the attention (§5.1)
+        out = self.predict(images, ctx, tgt, tokens, word_mask, return_attention=entropy)
         pred, targets, sims = out["pred"], out["targets"], out["sims"]
         if self.cfg.pred_loss == "l2":  # I-JEPA paper: squared L2 per patch, averaged (§1.5)
             loss_pred = (pred.float() - targets).pow(2).sum(-1).mean()
@@ -446,18 +471,21 @@ class TCJEPA(nn.Module):
             loss_pred = F.smooth_l1_loss(pred.float(), targets)
         zero = loss_pred.new_zeros(())
         if sims is None:
-            loss_sparse = loss_consist = pos_frac = attn_entropy = zero
+            loss_sparse = loss_consist = pos_frac = pos_cos = attn_entropy = zero
         else:
             if self.cfg.text_pool == "mean":  # the conditioners saw one pooled word per caption
                 word_mask = word_mask.any(-1, keepdim=True)  # (B, C, 1)
+            reg = out["attention"].transpose(2, 3) if entropy else sims  # (layers, B, M*L, C, S)
             if self.cfg.sparse_coef == 0 and self.cfg.consist_coef == 0:
-                sims = sims.detach()  # unweighted losses are only logged: no backward (notes/perf.md)
-            loss_sparse, loss_consist = text_losses(sims.float(), word_mask)
-            pos_frac = ((sims > 0).sum() / (word_mask.sum() * sims.size(0) * sims.size(2)).clamp(min=1)).detach()
+                reg = reg.detach()  # unweighted losses are only logged: no backward (notes/perf.md)
+            loss_sparse, loss_consist = text_losses(reg.float(), word_mask, entropy)
+            n_pos = (sims > 0).sum()
+            pos_frac = (n_pos / (word_mask.sum() * sims.size(0) * sims.size(2)).clamp(min=1)).detach()
+            pos_cos = (sims.detach().float().sum() / n_pos.clamp(min=1))
             attn_entropy = out["attn_entropy"]
         loss = loss_pred + self.cfg.sparse_coef * loss_sparse + self.cfg.consist_coef * loss_consist
         return dict(loss=loss, loss_pred=loss_pred, loss_sparse=loss_sparse, loss_consist=loss_consist,
-                    pos_frac=pos_frac, attn_entropy=attn_entropy)
+                    pos_frac=pos_frac, pos_cos=pos_cos, attn_entropy=attn_entropy)
 
     @torch.no_grad()
     def update_target(self, momentum):

@@ -234,6 +234,288 @@ def test_text_losses_match_direct_recomputation():
 
 
 
+def cond_and_inputs(sim_mode="paper", seed=0, P=32, T=8):
+    """A TextConditioner with random weights (non-zero biases) and words, in float64. T < P, so the
+    keys vary in at most T of the P dimensions and a direction orthogonal to every key exists."""
+    cfg = tiny_cfg(pred_width=P, text_width=T, n_captions=3, max_words=6, sim_mode=sim_mode)
+    torch.manual_seed(seed)
+    cond = tcjepa.TextConditioner(cfg).double()
+    with torch.no_grad():
+        for lin in (cond.q, cond.k, cond.v):
+            lin.bias.normal_(0, 0.3)
+    x, words = torch.randn(2, 7, P, dtype=torch.float64), torch.randn(2, 3, 6, T, dtype=torch.float64)
+    word_mask = torch.rand(2, 3, 6) > 0.3
+    word_mask[..., 0] = True
+    return cond, x, words, word_mask
+
+
+def orthogonal_to_keys(cond):
+    """A unit vector u with u . k = 0 for every key k = W_K t + b_K, whatever the words t."""
+    basis = torch.cat([cond.k.weight, cond.k.bias[:, None]], 1)  # (P, T + 1): spans every key
+    u = torch.randn(basis.size(0), dtype=basis.dtype)
+    u = u - basis @ torch.linalg.lstsq(basis, u).solution  # remove the span of the keys
+    return u / u.norm()
+
+
+def test_paper_loss_has_free_trivial_minima():
+    """notes/paper.md §2.5, two transformations of the query/key side that leave the attention, and so
+    the conditioner's output, as they were, while the paper's O (and L_sparse, L_consist) go to 0.
+    Shift: every key gains a component a*u and every query -c*u; q.k_s changes by a number that
+    is the same for all words of a query, which a softmax ignores, and every cosine tends to -1.
+    Shrink: every query gains a component along u that differs from token to token; q.k_s is
+    unchanged, |q| grows, every cosine tends to 0 with its sign kept (pos_frac cannot see it), also
+    after centring queries and keys (the mean is taken out, the per-token part stays)."""
+    cond, x, words, wm = cond_and_inputs()
+    y0, O0, _, att0 = cond(x, words, wm)
+    sp0, co0 = tcjepa.text_losses(torch.stack([O0, O0]), wm)
+    assert (O0 > 0).any() and sp0 > 0
+    u = orthogonal_to_keys(cond)
+    with torch.no_grad():  # the shift
+        cond.q.bias.sub_(1e3 * u)
+        cond.k.bias.add_(1e3 * u)
+    y1, O1, _, att1 = cond(x, words, wm)
+    torch.testing.assert_close(att1, att0, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(y1, y0, atol=1e-9, rtol=1e-7)
+    assert O1.abs().max() == 0  # every cosine negative: O = 0, and so the losses and their gradients
+    Os = torch.stack([O1, O1])  # two "layers" alike
+    sp, co = tcjepa.text_losses(Os, wm)
+    assert sp == 0 and co == 0
+
+    cond, x, words, wm = cond_and_inputs(seed=1)
+    y0, O0, _, att0 = cond(x, words, wm)
+    u, r = orthogonal_to_keys(cond), torch.randn(cond.q.in_features, dtype=torch.float64)
+    q0 = cond.q(cond.norm_q(x))
+    with torch.no_grad():  # the shrink: q_i gains c (r . LN(x_i)) u, different for every token
+        cond.q.weight.add_(1e4 * u[:, None] * r[None, :])
+    y1, O1, _, att1 = cond(x, words, wm)
+    torch.testing.assert_close(att1, att0, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(y1, y0, atol=1e-9, rtol=1e-7)
+    assert torch.equal(O1 > 0, O0 > 0)  # the same signs: pos_frac unchanged
+    assert O1.sum() < 1e-3 * O0.sum()  # ... while every positive cosine shrank ~1000x
+    q1, k = cond.q(cond.norm_q(x)), cond.k(words)  # centred: the mean query and mean key taken out
+    cq0, cq1, ck = q0 - q0.mean(1, keepdim=True), q1 - q1.mean(1, keepdim=True), k - k[wm].mean(0)
+    cos0 = F.cosine_similarity(cq0[:, None, :, None], ck[:, :, None], dim=-1)  # (B, C, Q, S)
+    cos1 = F.cosine_similarity(cq1[:, None, :, None], ck[:, :, None], dim=-1)
+    m = wm[:, :, None].expand_as(cos0)
+    assert torch.equal(cos1[m] > 0, cos0[m] > 0) and cos1[m].clamp(min=0).sum() < 1e-3 * cos0[m].clamp(min=0).sum()
+
+
+def test_remedies_make_the_trivial_minima_cost_something():
+    """sim_mode cosine: the same shift and shrink now change the attention (weight moves to the null
+    word), so they would cost the prediction its text. sim_mode attention: its losses are functions
+    of the attention, which both leave unchanged, so neither can lower them."""
+    for transform in ("shift", "shrink"):
+        for mode in ("cosine", "attention"):
+            cond, x, words, wm = cond_and_inputs(mode, seed=2)
+            y0, _, _, att0 = cond(x, words, wm)
+            u, r = orthogonal_to_keys(cond), torch.randn(cond.q.in_features, dtype=torch.float64)
+            with torch.no_grad():
+                if transform == "shift":
+                    cond.q.bias.sub_(1e3 * u)
+                    cond.k.bias.add_(1e3 * u)
+                else:
+                    cond.q.weight.add_(1e4 * u[:, None] * r[None, :])
+            y1, O1, _, att1 = cond(x, words, wm)
+            if mode == "cosine":
+                real = wm[:, :, None].expand_as(att0)
+                if transform == "shift":  # the text's weight goes to the null word
+                    assert att1[real].sum() < 0.5 * att0[real].sum()
+                else:  # every cosine -> 0: the weights of a caption's words become equal (no word chosen)
+                    n = wm.sum(-1)[:, :, None].expand(-1, -1, att0.size(2))  # (B, C, Q) real words
+                    torch.testing.assert_close(att1, real / (1.0 + n[..., None].double()), atol=1e-3, rtol=0)
+                    assert (att0 - real / (1.0 + n[..., None])).abs().max() > 0.1
+                assert (y1 - y0).abs().max() > 1e-2, transform
+            else:
+                torch.testing.assert_close(att1, att0, atol=1e-9, rtol=1e-7)
+                A0, A1 = (torch.stack([a, a.flip(0)]).transpose(2, 3) for a in (att0, att1))
+                for l0, l1 in zip(tcjepa.text_losses(A0, wm, entropy=True), tcjepa.text_losses(A1, wm, entropy=True)):
+                    torch.testing.assert_close(l1, l0)
+                    assert l0 > 0
+
+
+def test_cosine_conditioner_matches_naive_loop():
+    """sim_mode cosine: weight of word s = exp(cos_s / temp) / (1 + sum_t exp(cos_t / temp)) over the
+    caption's real words (a null word of cosine 0 and value 0 takes the rest)."""
+    cfg = tiny_cfg(n_captions=4, sim_mode="cosine", cos_temp=0.2)
+    torch.manual_seed(0)
+    cond = tcjepa.TextConditioner(cfg)
+    B, Q, C, S, P = 3, 5, 4, cfg.max_words, cfg.pred_width
+    x, words = torch.randn(B, Q, P), torch.randn(B, C, S, cfg.text_width)
+    word_mask = torch.rand(B, C, S) > 0.4
+    word_mask[0, 1] = False  # a padded caption
+    word_mask[1, :, 0] = True
+    word_mask[2] = False  # an image with no caption at all
+    y, O, ent, att = cond(x, words, word_mask)
+    ref_y, ref_att = torch.zeros_like(x), torch.zeros(B, C, Q, S)
+    for b in range(B):
+        q = cond.q(cond.norm_q(x[b]))  # (Q, P)
+        pooled = None
+        for c in range(C):
+            idx = word_mask[b, c].nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            k, v = cond.k(words[b, c, idx]), cond.v(words[b, c, idx])
+            cos = torch.stack([torch.stack([F.cosine_similarity(q[i], k[j], dim=0) for j in range(len(idx))])
+                               for i in range(Q)])  # (Q, n)
+            e = (cos / 0.2).exp()
+            a = e / (1 + e.sum(-1, keepdim=True))
+            ref_att[b, c][:, idx] = a
+            out = a @ v
+            pooled = out if pooled is None else torch.maximum(pooled, out)
+        h = x[b] + (pooled if pooled is not None else 0)
+        ref_y[b] = h + cond.mlp(cond.norm2(h))
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(att, ref_att, atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(ent)
+    cfg_paper = tiny_cfg(n_captions=4)
+    torch.manual_seed(0)
+    paper = tcjepa.TextConditioner(cfg_paper)
+    torch.testing.assert_close(paper(x, words, word_mask)[1], O)  # O is the paper's whatever the attention
+
+
+def test_attention_mode_losses_are_entropy_and_consistency_of_the_attention():
+    """sim_mode attention: L_sparse = mean over real (token, caption) pairs of the layer-mean entropy
+    of the attention; L_consist = the same of ||A^l - mean_l A||_1; checked against a loop, through
+    TCJEPA.forward."""
+    cfg = tiny_cfg(sim_mode="attention", sparse_coef=0.3, consist_coef=0.7)
+    torch.manual_seed(0)
+    model = TCJEPA(cfg)
+    g = torch.Generator().manual_seed(0)
+    ctx, tgt = sample_masks(2, cfg, g)
+    tokens, wm = fake_text(2, cfg, g)
+    wm[1, 2] = False  # a padded caption: must not count
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images, ctx, tgt, tokens, wm)
+    A = model.predict(images, ctx, tgt, tokens, wm, return_attention=True)["attention"]  # (Lyr, B, C, Q, S)
+    sp, co, n = 0.0, 0.0, 0
+    for b in range(2):
+        for c in range(cfg.n_captions):
+            if not wm[b, c].any():
+                continue
+            for i in range(A.size(3)):
+                a = A[:, b, c, i][:, wm[b, c]]  # (Lyr, real words)
+                sp += sum(-(a[l] * a[l].log()).sum() for l in range(len(a))) / len(a)
+                co += sum((a[l] - a.mean(0)).abs().sum() for l in range(len(a))) / len(a)
+                n += 1
+    torch.testing.assert_close(out["loss_sparse"], sp / n)
+    torch.testing.assert_close(out["loss_consist"], co / n)
+    torch.testing.assert_close(out["loss"], out["loss_pred"] + 0.3 * out["loss_sparse"] + 0.7 * out["loss_consist"])
+    out["loss"].backward()
+    assert model.predictor.conds[0].q.weight.grad.abs().sum() > 0
+
+
+def test_pos_cos_is_the_mean_positive_cosine():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TCJEPA(cfg)
+    g = torch.Generator().manual_seed(0)
+    ctx, tgt = sample_masks(2, cfg, g)
+    tokens, wm = fake_text(2, cfg, g)
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images, ctx, tgt, tokens, wm)
+    O = model.predict(images, ctx, tgt, tokens, wm)["sims"]
+    torch.testing.assert_close(out["pos_cos"], O[O > 0].mean())
+    assert 0 < out["pos_cos"] < 1
+
+
+def grounding_case(seed=0):
+    """Random captions over a 12-word vocabulary (ids 1-4 shapes, 5-7 colours, 8-11 other words) and
+    random objects under 5 tokens per image: (tokens, word_mask, words_at, is_ctx, color_ids)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Q, C, S = 3, 5, 4, 6
+    tokens = torch.randint(1, 12, (B, C, S), generator=g)
+    word_mask = torch.arange(S) < torch.randint(3, S + 1, (B, C, 1), generator=g)
+    tokens = tokens * word_mask
+    words_at = torch.stack([torch.randint(0, 5, (B, Q), generator=g), torch.randint(5, 8, (B, Q), generator=g)], -1)
+    words_at[words_at[..., 0] == 0] = 0  # background: no words
+    is_ctx = torch.rand(B, Q, generator=g) < 0.5
+    return tokens, word_mask, words_at, is_ctx, torch.tensor([5, 6, 7])
+
+
+def test_grounding_matches_a_loop_and_knows_its_answers():
+    tokens, wm, words_at, is_ctx, colors = grounding_case()
+    B, C, S = tokens.shape
+    Q = words_at.size(1)
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, B, Q, C, S, generator=g).round(decimals=1)  # ties happen
+    got = data.grounding_summary(data.grounding_sums(scores, tokens, wm, words_at, is_ctx, colors), "g")
+    hits, aucs, chance, n = [0.0, 0.0], [0.0, 0.0], 0.0, 0
+    for b in range(B):
+        for i in range(Q):
+            shape, color = words_at[b, i].tolist()
+            for c in range(C):
+                words = tokens[b, c][wm[b, c]].tolist()
+                has_color_word = any(w in (5, 6, 7) for w in words)
+                if shape == 0 or shape not in words or (has_color_word and color not in words):
+                    continue
+                pos = [w in (shape, color) for w in words]
+                if all(pos):
+                    continue
+                n += 1
+                chance += sum(pos) / len(words)
+                for l in range(2):
+                    x = scores[l, b, i, c][wm[b, c]].tolist()
+                    top = [j for j, v in enumerate(x) if v == max(x)]
+                    hits[l] += sum(pos[j] for j in top) / len(top)
+                    pairs = [(x[p] > x[q]) + 0.5 * (x[p] == x[q]) for p in range(len(x)) for q in range(len(x))
+                             if pos[p] and not pos[q]]
+                    aucs[l] += sum(pairs) / len(pairs)
+    assert n > 10 and got["ground_pairs"] == n
+    assert got["g"] == pytest.approx(sum(hits) / 2 / n, abs=1e-6)
+    assert got["g_auc"] == pytest.approx(sum(aucs) / 2 / n, abs=1e-6)
+    assert got["ground_chance"] == pytest.approx(chance / n, abs=1e-6)
+    assert got["g_layers"] == [round(h / n, 4) for h in hits]
+
+    # known answers: scores that pick exactly the object's words -> 1; all equal (dead O) -> chance, AUC 1/2
+    is_obj = (tokens[:, None] == words_at[..., 0, None, None]) | (tokens[:, None] == words_at[..., 1, None, None])
+    perfect = (is_obj & wm[:, None]).float()[None].expand(3, -1, -1, -1, -1)  # (3, B, Q, C, S)
+    p = data.grounding_summary(data.grounding_sums(perfect, tokens, wm, words_at, is_ctx, colors), "g")
+    assert p["g"] == 1.0 and p["g_auc"] == 1.0 and p["g_tgt"] == 1.0 and p["g_ctx"] == 1.0 and p["g_layers"] == [1.0] * 3
+    flat = data.grounding_summary(data.grounding_sums(torch.zeros(3, B, Q, C, S), tokens, wm, words_at, is_ctx, colors),
+                                  "g")
+    assert flat["g"] == pytest.approx(flat["ground_chance"]) and flat["g_auc"] == 0.5 and 0 < flat["g"] < 0.7
+    wrong = 1 - perfect  # always another word
+    assert data.grounding_summary(data.grounding_sums(wrong, tokens, wm, words_at, is_ctx, colors), "g")["g"] == 0.0
+
+
+def test_grounding_probe_reads_the_patches_the_predictor_tokens_stand_for(tmp_path):
+    """End to end on shapes: an oracle whose O and attention put 1 on the words of the object under each
+    predictor token's patch (found through ctx / tgt, as tcjepa.Predictor orders its tokens) scores 1."""
+    val = ShapesDataset("val", size=16)
+    tok = train_tokenizer(val.captions_for_tokenizer(), 64)
+    cfg = TCJEPAConfig(n_captions=5, max_words=16)
+    items = val.__getitems__([(j, j) for j in range(16)])
+    batch = Collate(tok, 5, 16)(items)
+    batch["ctx"], batch["tgt"] = sample_masks(16, cfg, torch.Generator().manual_seed(0))
+    batch["indices"] = torch.arange(16)
+    gt = val.render(range(16))
+    at_patch = data.object_words(patch_labels(gt["shape_map"], 8), patch_labels(gt["color_map"], 8), tok)  # (B, N, 2)
+
+    def oracle(images, ctx, tgt, tokens, word_mask):
+        (B, Nc), (M, Nt) = ctx.shape, tgt.shape[1:]
+        scores = torch.zeros(B, M, Nc + Nt, *tokens.shape[1:])  # (B, M, L, C, S)
+        for b in range(B):
+            for m in range(M):
+                for j, p in enumerate(ctx[b].tolist() + tgt[b, m].tolist()):
+                    shape, color = at_patch[b, p].tolist()
+                    scores[b, m, j] = ((tokens[b] == shape) | (tokens[b] == color)) & word_mask[b] & (shape > 0)
+        O = scores.flatten(1, 2)[None]  # (1, B, Q, C, S)
+        return O, O.transpose(2, 3)
+
+    res = data.grounding_probe(oracle, [batch], val, tok, 8)
+    assert res["ground_pairs"] > 100
+    assert res["ground_o"] == 1.0 and res["ground_attn"] == 1.0 and res["ground_o_auc"] == 1.0
+    assert 0.1 < res["ground_chance"] < 0.5
+
+    def shuffled(*a):  # the same oracle with the images' captions rolled: no better than chance
+        O, _ = oracle(*a)
+        O = O.roll(1, 1)
+        return O, O.transpose(2, 3)
+
+    res = data.grounding_probe(shuffled, [batch], val, tok, 8)
+    assert res["ground_o"] < res["ground_chance"] + 0.15
+
+
 def test_block_union_matches_a_loop():
     """The batched-matmul union of blocks equals the cells a per-block double loop paints."""
     g = torch.Generator().manual_seed(7)

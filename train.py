@@ -104,7 +104,7 @@ RANGES = dict(
     mlp_ratio=(0.01, None), pred_width=(4, None), pred_depth=(0, None), n_targets=(1, None), target_scale=(0, 1),
     target_aspect=(0.01, None), context_scale=(0, 1), min_keep=(1, None), vocab_size=(3, None), max_words=(1, None),
     n_captions=(1, None), text_width=(1, None), sparse_coef=(0, None), consist_coef=(0, None), cond_layers=(-1, None),
-    cond_mlp_ratio=(0.01, None))
+    cond_mlp_ratio=(0.01, None), cos_temp=(1e-3, None))
 
 # presets: (training fields, model fields) that fill what the command line does not give
 SHAPES_MODEL = dict(sparse_coef=0.0, consist_coef=0.0)  # the paper's 0.1 / 0.5 hit the dead zone here (notes/experiments.md §3)
@@ -584,6 +584,7 @@ def make_val_batches(val_set, collate, tcfg, mcfg):
     for i in range(0, n_val, tcfg.batch_size):
         b = collate([val_set[(j, 1000 + j)] for j in range(i, min(n_val, i + tcfg.batch_size))])
         b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, seeded(tcfg.seed, 10**9, i))  # unreadable ones dropped
+        b["indices"] = torch.arange(i, min(n_val, i + tcfg.batch_size))  # (shapes: every item is readable)
         batches.append(b)
     return batches
 
@@ -591,7 +592,8 @@ def make_val_batches(val_set, collate, tcfg, mcfg):
 # -----------------------------------------------------------------------------
 # one optimizer step
 
-LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "attn_entropy", "grad_norm")  # per step
+LOGGED = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "pos_cos", "attn_entropy",
+          "grad_norm")  # per step
 
 
 def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
@@ -910,7 +912,17 @@ def run_probes(raw_model, train_set, val_set, probe_data, tcfg, rt, last):
     return coco_probes(raw_model, probe_data, len(probe_data.val) if last else tcfg.probe_val, tcfg, rt)
 
 
-def evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, step, log_path, last):
+@torch.no_grad()
+def text_scores(raw_model, rt, images, ctx, tgt, tokens, word_mask):
+    """The conditioners' rectified cosines O and attention on one batch (for the grounding probe)."""
+    raw_model.eval()
+    with rt.autocast:
+        out = raw_model.predict(*(x.to(rt.device) for x in (images, ctx, tgt, tokens, word_mask)), return_attention=True)
+    raw_model.train()
+    return out["sims"].float(), out["attention"].float()
+
+
+def evaluate(raw_model, val_batches, train_set, val_set, probe_data, tokenizer, tcfg, rt, step, log_path, last):
     """Validation losses on every rank (they are cheap), probes on rank 0 while the others wait at a
     CPU barrier (no NCCL collective pending, so no NCCL timeout); rank 0 logs and prints."""
     v = val_losses(raw_model, val_batches, rt.device, rt.autocast)
@@ -918,9 +930,14 @@ def evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, s
     if rt.master:
         t0 = time.time()
         rec.update(run_probes(raw_model, train_set, val_set, probe_data, tcfg, rt, last))
+        m = raw_model.cfg
+        if tcfg.dataset == "shapes" and m.text_cond == "cross" and m.text_pool == "word":
+            rec.update(data.grounding_probe(lambda *a: text_scores(raw_model, rt, *a), val_batches, val_set,
+                                            tokenizer, m.patch_size))
         rec["probe_s"] = time.time() - t0
         append_log(log_path, rec)
-        print(f"step {step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items() if k != "step"))
+        print(f"step {step}: " + " | ".join(f"{k} {x:.4f}" for k, x in rec.items()
+                                            if k != "step" and isinstance(x, float)))
     if rt.ddp:
         dist.barrier(group=rt.cpu_group)
     return rec
@@ -993,14 +1010,15 @@ DEAD_ZONE = 1e-3  # pos_frac below this for a whole log window: the rectified te
 
 
 def dead_zone(pos_max, mcfg):
-    return mcfg.text_cond == "cross" and (mcfg.sparse_coef > 0 or mcfg.consist_coef > 0) and pos_max < DEAD_ZONE
+    return (mcfg.text_cond == "cross" and mcfg.sim_mode != "attention" and (mcfg.sparse_coef > 0 or mcfg.consist_coef > 0)
+            and pos_max < DEAD_ZONE)
 
 
 def dead_zone_warning(mcfg, since, done):
     return (f"\nwarning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word cosine is "
             f"negative, so the sparsity and consistency losses (--sparse_coef {mcfg.sparse_coef:g} --consist_coef "
-            f"{mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); lower them, 0 turns them off "
-            f"(notes/experiments.md §3)")
+            f"{mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); --sim_mode cosine or attention "
+            f"removes the loss's trivial minima (notes/experiments.md §9), 0 turns the losses off")
 
 
 def last_line(status, rt, tcfg, ckpt_path, log_path, done, bad_step, last_good):
@@ -1024,6 +1042,20 @@ def log_record(done, vals, tcfg, raw_model, shapes, dt, n_steps, imgs, wait, rt)
     return dict(step=done, **dict(zip(LOGGED, vals)), lr=lr, momentum=momentum, weight_decay=wd,
                 ms_per_step=1000 * dt / n_steps, img_per_s=imgs / dt, mfu=flops / peak if peak else None,
                 data_wait_ms=1000 * wait / n_steps)  # blocked on the loader: ~0 when it keeps up
+
+
+def code_version():
+    """The git commit this train.py belongs to and whether tracked files differ from it ("unknown"
+    outside a checkout), for the first log record: a log names the code that made it."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10,
+                                        check=True).stdout.strip()
+        return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                    torch=torch.__version__)
+    except (OSError, subprocess.SubprocessError):
+        return dict(commit="unknown", dirty="unknown", torch=torch.__version__)
 
 
 def describe(tcfg, mcfg, train_set, raw_model, rt):
@@ -1082,7 +1114,7 @@ def main(argv=None):
     if rt.master and not (tcfg.bench or tcfg.eval_only):  # a fresh log; a resumed one loses what came after ckpt
         open(log_path, "w").close() if start_step == 0 else trim_log(log_path, start_step)
         append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
-                                  start_step=start_step, world=rt.world))
+                                  start_step=start_step, world=rt.world, code=code_version()))
 
     # ---- loaders: the train stream, fixed val batches with fixed masks, the COCO probes' images
     val_batches = make_val_batches(val_set, collate, tcfg, mcfg)
@@ -1090,7 +1122,8 @@ def main(argv=None):
     if tcfg.dataset == "coco" and rt.master and not tcfg.bench:
         probe_data = coco_probe_data(tcfg, mcfg, train_set, val_set)
     if tcfg.eval_only:
-        final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, start_step, log_path, True)
+        final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tokenizer, tcfg, rt, start_step,
+                         log_path, True)
         if rt.master:
             init_probes(mcfg, tcfg, train_set, val_set, probe_data, rt, log_path, final)
         return "done"
@@ -1151,8 +1184,8 @@ def main(argv=None):
                 dist.barrier(group=rt.cpu_group)
             last_good = f"{ckpt_path} (step {done})"
         if due["eval"] and not stopping:
-            final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tcfg, rt, done, log_path,
-                             last=done == tcfg.max_steps)
+            final = evaluate(raw_model, val_batches, train_set, val_set, probe_data, tokenizer, tcfg, rt, done,
+                             log_path, last=done == tcfg.max_steps)
         paused += time.time() - t_pause
         if stopping:
             status = "stopped"

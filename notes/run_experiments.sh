@@ -6,6 +6,7 @@
 #   bash notes/run_experiments.sh            # all runs, into runs/
 #   ONLY='^(tc|shuf)_s' bash notes/run_experiments.sh   # only the runs whose name matches
 #   ONLY='^mech_' bash notes/run_experiments.sh          # the pre-registered test, notes/experiments.md §7
+#   ONLY='^sim_' bash notes/run_experiments.sh           # the remedies of notes/experiments.md §9
 #   EXTRA='--device cuda' JOBS=4 ONLY='^mech_' bash notes/run_experiments.sh   # the same on a GPU
 #   python notes/report.py                   # tables + figures from runs/*/log.jsonl
 # Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
@@ -63,6 +64,15 @@ runs=(
   "mech_shuf_s0          $MECH --shapes_captions complement --text_cond cross --shuffle_captions true --seed 0"
   "mech_sub_s1           $MECH --shapes_captions substitute --text_cond cross --seed 1"
   "mech_shuf_s1          $MECH --shapes_captions complement --text_cond cross --shuffle_captions true --seed 1"
+  # notes/experiments.md §9, pre-registered: remedies for the loss's trivial minima (1500 steps, seeds 0-1)
+  "sim_paper_s0          --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "sim_zero_s0           --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 0"
+  "sim_cosine_s0         --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode cosine --seed 0"
+  "sim_attn_s0           --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode attention --seed 0"
+  "sim_paper_s1          --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 1"
+  "sim_zero_s1           --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 1"
+  "sim_cosine_s1         --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode cosine --seed 1"
+  "sim_attn_s1           --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode attention --seed 1"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
