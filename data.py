@@ -1,19 +1,27 @@
 """
-Data for TC-JEPA: captioned images, a tokenizer, batching, and ground truth for probes.
+Data for TC-JEPA: captioned images, a tokenizer, batching, ground truth, and the probes that score
+a frozen encoder against that ground truth.
 
 Two sources of (image, captions):
   ShapesDataset  built in, no download: scenes of 1-4 large coloured shapes on a 3x3 grid, each
                  with 5 captions and per-pixel ground truth (shape_map, color_map) for probes.
                  Rendered on the fly, a whole batch in one vectorized call.
   CocoCaptions   the real COCO 2017 captions layout, with I-JEPA's crop augmentation.
-Then a word-level tokenizer, Collate (picks and tokenizes captions into a batch), patch_labels
-(one majority label per ViT patch, for dense probes), and the ground truth of the COCO probes:
-read_instances, instance_label_map (polygons and crowd RLE), caption-word targets, CocoProbeSet
-(the fixed evaluation view). json, PIL and torch only: no pycocotools.
+Then a word-level tokenizer, Collate (picks and tokenizes captions into a batch), StepSampler (the
+seeded data order), patch_labels (one majority label per ViT patch, for dense probes), and the
+ground truth of the COCO probes: read_instances, instance_label_map (polygons and crowd RLE),
+caption-word targets, CocoProbeSet (the fixed evaluation view). json, PIL and torch only: no
+pycocotools.
 
-Shape legend: B batch, C captions per image, S words per caption, H/W pixels, N objects in a batch.
-A dataset key is an int index or a tuple (index, sample_seed); all randomness of an item comes
-from that key, so results do not depend on DataLoader workers. Knows nothing of the model.
+The probes live here, beside the ground truth they are scored on, and not in train.py: they take
+an `encode` function (images -> patch features), never the model or the training state, so the
+training script tells the story of a run and a user can score any encoder with them. Ridge
+probes, mIoU, average precision, RankMe (shapes_probes, coco_probes), and the grounding of the
+conditioner's patch-word similarities on the shapes data (grounding_probe).
+
+Shape legend: B batch, C captions per image, S words per caption, H/W pixels, N objects in a batch
+(patches in the probes). A dataset key is an int index or a tuple (index, sample_seed); all
+randomness of an item comes from that key, so results do not depend on DataLoader workers.
 """
 
 import json
@@ -21,17 +29,21 @@ import math
 import os
 import random
 import sys
+import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 
-class DataError(Exception):
-    """One-line, user-facing message that says what is wrong and what to do."""
+class UserError(Exception):
+    """The user must act: a one-line message that says what is wrong and what to do (train.py prints
+    it as its last line and exits 1)."""
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalization
@@ -163,9 +175,9 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, split="train", size=None, img_size=64, seed=0, layout="grid3", captions="mixed"):
         if split not in ("train", "val"):
-            raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
+            raise UserError(f"unknown split {split!r}: use 'train' or 'val'")
         if layout not in LAYOUTS or captions not in CAPTION_MODES or (layout == "pairs") != (captions != "mixed"):
-            raise DataError(f"shapes layout {layout!r} with captions {captions!r}: use grid3 with mixed, "
+            raise UserError(f"shapes layout {layout!r} with captions {captions!r}: use grid3 with mixed, "
                             f"or pairs with complement or substitute")
         self.split, self.img_size, self.seed, self.layout, self.caption_mode = split, img_size, seed, layout, captions
         self.cells = 3 if layout == "grid3" else 2  # grid side
@@ -325,16 +337,16 @@ class CocoCaptions(torch.utils.data.Dataset):
 
     def __init__(self, data_dir="data/coco", split="train", img_size=224):
         if split not in ("train", "val"):
-            raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
+            raise UserError(f"unknown split {split!r}: use 'train' or 'val'")
         root = Path(data_dir)
         img_dir, ann = root / f"{split}2017", root / "annotations" / f"captions_{split}2017.json"
         fix = (f"Download {split}2017.zip and annotations_trainval2017.zip from cocodataset.org "
                f"and unzip them into {root} (see README)")
         for path in (root, ann, img_dir):
             if not path.exists():
-                raise DataError(f"COCO not found: {path} is missing. {fix}")
+                raise UserError(f"COCO not found: {path} is missing. {fix}")
         if not img_dir.is_dir():
-            raise DataError(f"COCO not found: {img_dir} is not a folder. {fix}")
+            raise UserError(f"COCO not found: {img_dir} is not a folder. {fix}")
         images, annotations = _read_coco_json(ann)
 
         caps = defaultdict(list)
@@ -353,7 +365,7 @@ class CocoCaptions(torch.utils.data.Dataset):
                 self.captions.append(caps[im["id"]])
                 self.ids.append(im["id"])
         if not self.files:
-            raise DataError(f"no usable COCO images: none of the {len(images)} images in {ann} is both "
+            raise UserError(f"no usable COCO images: none of the {len(images)} images in {ann} is both "
                             f"captioned and present in {img_dir}. {fix}")
         print(f"coco {split}: {len(self.files)} images, {sum(map(len, self.captions))} captions; "
               f"left out: {no_caps} without captions, {missing} missing files")
@@ -384,28 +396,28 @@ class CocoCaptions(torch.utils.data.Dataset):
 
 
 def _read_coco_json(ann):
-    """-> (images, annotations) lists, or a one-line DataError naming the file."""
+    """-> (images, annotations) lists, or a one-line UserError naming the file."""
     redo = f"Re-download annotations_trainval2017.zip from cocodataset.org and unzip it into {ann.parent.parent}"
     try:
         with open(ann, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"COCO annotations unreadable: {ann} is not valid JSON ({e.msg} at line {e.lineno} "
+        raise UserError(f"COCO annotations unreadable: {ann} is not valid JSON ({e.msg} at line {e.lineno} "
                         f"column {e.colno}). {redo}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"COCO annotations unreadable: {ann}: {e}. {redo}") from None
+        raise UserError(f"COCO annotations unreadable: {ann}: {e}. {redo}") from None
     def has(entries, **types):  # a list of dicts whose values have these types
         return isinstance(entries, list) and all(
             isinstance(x, dict) and all(type(x.get(k)) is t for k, t in types.items()) for x in entries)
 
     if not (isinstance(data, dict) and has(data.get("images"), id=int, file_name=str)
             and has(data.get("annotations"), image_id=int, caption=str)):
-        raise DataError(f"COCO annotations unexpected: {ann} lacks 'images' [{{id: int, file_name: str}}] or "
+        raise UserError(f"COCO annotations unexpected: {ann} lacks 'images' [{{id: int, file_name: str}}] or "
                         f"'annotations' [{{image_id: int, caption: str}}]; is it a captions file? {redo}")
     ids = Counter(im["id"] for im in data["images"])
     twice = [i for i, n in ids.items() if n > 1]
     if twice:  # captions are joined to images by id: a repeated id would give two images the same captions
-        raise DataError(f"COCO annotations unexpected: {ann} lists image id {twice[0]} more than once "
+        raise UserError(f"COCO annotations unexpected: {ann} lists image id {twice[0]} more than once "
                         f"({len(twice)} repeated ids). {redo}")
     return data["images"], data["annotations"]
 
@@ -460,12 +472,12 @@ def train_tokenizer(captions, vocab_size, path=None):
 
 def load_tokenizer(path):
     if not Path(path).is_file():
-        raise DataError(f"tokenizer not found: {path} is missing. Point --tokenizer to an existing tokenizer "
+        raise UserError(f"tokenizer not found: {path} is missing. Point --tokenizer to an existing tokenizer "
                         f"json, or give none: a fresh run trains one")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"tokenizer unreadable: {path}: {e}") from None
+        raise UserError(f"tokenizer unreadable: {path}: {e}") from None
     return tokenizer_from_str(text, str(path))
 
 
@@ -476,13 +488,13 @@ def tokenizer_from_str(text, source):
         tok = Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises plain Exception
         reason = (str(e).splitlines() or ["?"])[0]
-        raise DataError(f"tokenizer unreadable: {source}: {reason}. Give another --tokenizer, or none to "
+        raise UserError(f"tokenizer unreadable: {source}: {reason}. Give another --tokenizer, or none to "
                         f"train one") from None
     tok.no_padding()
     tok.no_truncation()
     top = max(tok.get_vocab().values(), default=0)
     if top >= tok.get_vocab_size():
-        raise DataError(f"tokenizer {source} has ids up to {top} but only {tok.get_vocab_size()} entries: "
+        raise UserError(f"tokenizer {source} has ids up to {top} but only {tok.get_vocab_size()} entries: "
                         f"ids must run 0..size-1; give another --tokenizer, or none to train one")
     return tok
 
@@ -503,7 +515,7 @@ class Collate:
     def __call__(self, items):
         items = [it for it in items if it is not None]
         if not items:
-            raise DataError("every image in this batch was unreadable: see the 'skipping' lines above "
+            raise UserError("every image in this batch was unreadable: see the 'skipping' lines above "
                             "and re-download the files they name")
         B, C, S = len(items), self.n_captions, self.max_words
         chosen = []
@@ -530,6 +542,58 @@ class Collate:
         # worker (probes render it themselves); at 224 px stacking the maps took half of this call
         return dict(images=torch.stack([it["image"] for it in items]), tokens=tokens, word_mask=word_mask,
                     captions=chosen)
+
+
+def seeded(*parts):
+    """A CPU generator for one (seed, step, rank, ...) tuple: runs resume exactly, ranks differ."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x)) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+class StepSampler:
+    """Batches of (index, sample_seed) for steps start, start+1, ...: each epoch is a permutation
+    drawn from (seed, epoch), split across ranks as DistributedSampler does, so a resumed run sees
+    exactly the batches the uninterrupted one would have seen."""
+
+    def __init__(self, n, batch_size, seed, rank, world, start_step, micro_steps):
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.start = start_step * micro_steps
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise UserError(f"batch size {batch_size} x {world} processes is larger than the dataset "
+                            f"({n} images): lower --batch_size")
+
+    def __iter__(self):
+        i, epoch_of_perm = self.start, None
+        while True:
+            epoch, k = divmod(i, self.per_epoch)
+            if epoch != epoch_of_perm:  # one shuffle per epoch
+                perm, epoch_of_perm = torch.randperm(self.n, generator=seeded(self.seed, epoch)), epoch
+            lo = (k * self.world + self.rank) * self.bs
+            seeds = torch.randint(0, 2**31 - 1, (self.bs,), generator=seeded(self.seed, i, self.rank, 7))
+            yield list(zip(perm[lo:lo + self.bs].tolist(), seeds.tolist()))
+            i += 1
+
+
+def check_captions(train_set, tokenizer, max_images=10000):
+    """text_cond=cross with captions that tokenize to nothing would train I-JEPA under another name:
+    stop if no sampled image has a usable caption, warn if most have none."""
+    n = min(len(train_set), max_images)
+    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    caps = [train_set.captions_of(i) for i in idx]
+    enc = tokenizer.encode_batch([c for cs in caps for c in cs], add_special_tokens=False)
+    usable, k = 0, 0
+    for cs in caps:
+        usable += any(len(e.ids) > 0 for e in enc[k:k + len(cs)])
+        k += len(cs)
+    if usable == 0:
+        raise UserError(f"--text_cond cross, but none of {n} sampled training images has a caption with a word "
+                        f"the tokenizer knows: fix the captions, or train I-JEPA with --text_cond none")
+    if usable < n / 2:
+        print(f"warning: only {usable} of {n} sampled training images have a usable caption; the others train "
+              f"without text", file=sys.stderr)
 
 
 def patch_labels(label_map, patch_size):
@@ -561,15 +625,15 @@ def read_instances(path, image_ids=None):
     fix = (f"probes need annotations/{path.name} from annotations_trainval2017.zip (cocodataset.org): "
            f"unzip it into {path.parent.parent}")
     if not path.is_file():
-        raise DataError(f"COCO instances not found: {path} is missing; {fix}")
+        raise UserError(f"COCO instances not found: {path} is missing; {fix}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)  # the train file (448 MB) takes tens of seconds and a few GB here
     except json.JSONDecodeError as e:
-        raise DataError(f"COCO instances unreadable: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+        raise UserError(f"COCO instances unreadable: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                         f"{fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"COCO instances unreadable: {path}: {e}; {fix}") from None
+        raise UserError(f"COCO instances unreadable: {path}: {e}; {fix}") from None
     try:
         cats = sorted(data["categories"], key=lambda c: c["id"])
         names, label_of = [c["name"] for c in cats], {c["id"]: k + 1 for k, c in enumerate(cats)}
@@ -589,7 +653,7 @@ def read_instances(path, image_ids=None):
                 raise ValueError(f"annotation {a['id']} has a malformed segmentation")
             rec["anns"].append((label_of[a["category_id"]], float(a["area"]), seg, int(a["iscrowd"])))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"COCO instances unexpected: {path} ({type(e).__name__}: {e}); is it an instances "
+        raise UserError(f"COCO instances unexpected: {path} ({type(e).__name__}: {e}); is it an instances "
                         f"file? {fix}") from None
     return names, label_of, images, n_compressed
 
@@ -730,7 +794,7 @@ class CocoProbeSet(torch.utils.data.Dataset):
             self.n_unreadable += 1
             return None
         if img.size != (r["width"], r["height"]):  # the masks would not line up: wrong annotations file
-            raise DataError(f"{self.files[index]} is {img.width}x{img.height} but its instances record says "
+            raise UserError(f"{self.files[index]} is {img.width}x{img.height} but its instances record says "
                             f"{r['width']}x{r['height']}: use the instances file of the same split")
         img = eval_crop(img, self.img_size, TF.InterpolationMode.BILINEAR)
         labels = self.label_map(index)  # (S, S)
@@ -744,9 +808,247 @@ def probe_collate(items):
     """Stacks the readable items of a batch (unreadable ones are None)."""
     items = [it for it in items if it is not None]
     if not items:
-        raise DataError("every image in this batch was unreadable: see the 'skipping' lines above and "
+        raise UserError("every image in this batch was unreadable: see the 'skipping' lines above and "
                         "re-download the files they name")
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# =============================================================================
+# probes: linear maps fitted on frozen features, scored against the ground truth above. They take
+# an `encode` function (images -> (B, N, D) patch features), never the model or the training state.
+
+
+def ridge_fit(X, Y, weight=None, lam=1e-3):
+    """Closed-form (weighted) ridge regression on standardized features: deterministic and fast.
+    X (n, D), Y (n, K) targets, weight (n,) -> a function mapping features to (n, K) scores."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Xs = torch.cat([(X - mu) / sd, torch.ones(len(X), 1)], 1).double()  # (n, D+1) with a bias column
+    w = (torch.ones(len(X)) if weight is None else weight / weight.mean()).double()[:, None]
+    A = Xs.T @ (w * Xs) + lam * len(X) * torch.eye(Xs.size(1), dtype=torch.float64)
+    W = torch.linalg.solve(A, Xs.T @ (w * Y.double()))  # (D+1, K)
+    return lambda Z: (torch.cat([(Z - mu) / sd, torch.ones(len(Z), 1)], 1).double() @ W).float()
+
+
+def class_probe(Xtr, ytr, Xte, yte, n_classes):
+    """Mean per-class accuracy of a ridge classifier (one-hot targets, classes weighted equally so
+    that background patches do not drown the objects), over the classes present in yte."""
+    freq = torch.bincount(ytr, minlength=n_classes).float().clamp(min=1)
+    scores = ridge_fit(Xtr, F.one_hot(ytr, n_classes).float(), weight=1 / freq[ytr])(Xte)
+    pred = scores.argmax(1)
+    accs = [(pred[yte == c] == c).float().mean() for c in range(n_classes) if (yte == c).any()]
+    return torch.stack(accs).mean().item() if accs else float("nan")  # nan: no class present
+
+
+def average_precision(scores, labels):
+    """Mean over columns of the average precision of ranking (n, K) scores against 0/1 labels."""
+    aps = []
+    for k in range(labels.size(1)):
+        order = scores[:, k].argsort(descending=True)
+        hits = labels[order, k]
+        if hits.sum() == 0:
+            continue
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        aps.append((precision * hits).sum() / hits.sum())
+    return torch.stack(aps).mean().item() if aps else float("nan")  # nan: no column has a positive
+
+
+def rankme(feats, eps=1e-7):
+    """Effective rank of (n, D) features (RankMe, Garrido et al. 2023): exp of the entropy of the
+    normalized singular values. A label-free collapse monitor: it falls when features collapse."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+# ----------------------------------------------------------------------------- shapes probes
+
+
+def object_pooled(feats, shape, obj):
+    """One row per object: the mean feature of its patches (majority label) and its shape (0-based).
+    feats (n, N, D), shape / obj (n, N) patch labels -> (n_objects, D), (n_objects,)."""
+    K = int(obj.max()) + 1
+    onehot = F.one_hot(obj, K).float()  # (n, N, K)
+    sums = onehot.transpose(1, 2) @ feats  # (n, K, D)
+    counts = onehot.sum(1)  # (n, K)
+    shapes = (onehot.transpose(1, 2) @ F.one_hot(shape, len(SHAPES) + 1).float()).argmax(-1)  # (n, K) majority
+    keep = counts[:, 1:] > 0  # objects that own at least one patch
+    return (sums[:, 1:] / counts[:, 1:, None].clamp(min=1))[keep], shapes[:, 1:][keep] - 1
+
+
+@torch.no_grad()
+def shapes_features(encode, dataset, n, patch_size, batch_size=250):
+    """Patch features (n, N, D) of the first n images and their per-patch ground truth: shape,
+    colour, object (0 background, 1 + slot), and the image attributes."""
+    feats, gt = [], []
+    for i in range(0, n, batch_size):
+        out = dataset.render(list(range(i, min(n, i + batch_size))))
+        feats.append(encode(out["images"]).float().cpu())
+        gt.append((patch_labels(out["shape_map"], patch_size), patch_labels(out["color_map"], patch_size),
+                   patch_labels(out["object_map"], patch_size), out["attrs"]))
+    shape, color, obj, attrs = (torch.cat(x) for x in zip(*gt))
+    return torch.cat(feats), shape, color, obj, attrs
+
+
+def shapes_probes(encode, train_set, val_set, n_train, patch_size):
+    """Dense probes (what covers each patch: background or a shape; its colour), an object probe
+    (each object's mean feature: its shape) and image probes (which shapes / colours are present,
+    how many objects) on the shapes val split, fitted on the first n_train training images."""
+    ftr, str_, ctr, otr, atr = shapes_features(encode, train_set, n_train, patch_size)
+    fte, ste, cte, ote, ate = shapes_features(encode, val_set, len(val_set), patch_size)
+    D, ns, nc = ftr.size(-1), len(SHAPES), len(COLORS)
+    res = dict(dense_shape=class_probe(ftr.reshape(-1, D), str_.flatten(), fte.reshape(-1, D), ste.flatten(), ns + 1),
+               dense_color=class_probe(ftr.reshape(-1, D), ctr.flatten(), fte.reshape(-1, D), cte.flatten(), nc + 1))
+    on_tr, on_te = str_.flatten() > 0, ste.flatten() > 0  # object patches only: shape among 7 kinds
+    res["dense_shape_obj"] = class_probe(ftr.reshape(-1, D)[on_tr], str_.flatten()[on_tr] - 1,
+                                         fte.reshape(-1, D)[on_te], ste.flatten()[on_te] - 1, ns)
+    res["obj_shape"] = class_probe(*object_pooled(ftr, str_, otr), *object_pooled(fte, ste, ote), ns)
+    gtr, gte = ftr.mean(1), fte.mean(1)  # average-pooled image features (I-JEPA's probe input)
+    scores = ridge_fit(gtr, atr)(gte)
+    res["img_shape_ap"] = average_precision(scores[:, :ns], ate[:, :ns])
+    res["img_color_ap"] = average_precision(scores[:, ns:ns + nc], ate[:, ns:ns + nc])
+    res["img_count_acc"] = class_probe(gtr, atr[:, ns + nc:].argmax(1), gte, ate[:, ns + nc:].argmax(1), 4)
+    res["rankme"] = rankme(gte)
+    return res
+
+
+# ----------------------------------------------------------------------------- COCO probes (notes/coco.md)
+
+
+class StreamingRidge:
+    """ridge_fit over batches, with the same result: update(X, Y) per batch, then solve().
+
+    Sums are kept in float64 around the first batch's mean (no cancellation in the variances).
+    Features are standardized with the running mean / std (unweighted, as ridge_fit), a bias column
+    is added and penalized, and the penalty is lam * n. Weights are divided by their mean over all rows,
+    as ridge_fit does. Class-balanced fits need the class frequencies first: pass class_weight (n_out,)
+    (e.g. 1 / frequency, from a labels-only pass) and each row of one-hot Y gets its class's weight.
+    The sums live on `device`: a GPU for ~1M ViT-B patches (a 769 x 769 float64 product per batch)."""
+
+    def __init__(self, dim, n_out, lam=1e-3, class_weight=None, device="cpu"):
+        self.lam, self.n, self.shift, self.device = lam, 0, None, device
+        f64 = dict(dtype=torch.float64, device=device)
+        self.class_weight = None if class_weight is None else class_weight.to(**f64)
+        self.sx, self.sxx = torch.zeros(dim, **f64), torch.zeros(dim, **f64)
+        self.G = torch.zeros(dim + 1, dim + 1, **f64)  # weighted [x, 1]^T [x, 1]
+        self.B = torch.zeros(dim + 1, n_out, **f64)  # weighted [x, 1]^T y
+
+    def update(self, X, Y, weight=None):
+        """X (n, D) features, Y (n, K) targets, weight (n,) or None."""
+        X, Y = X.to(self.device, torch.float64), Y.to(self.device, torch.float64)
+        if self.shift is None:
+            self.shift = X.mean(0)
+        Xc = X - self.shift
+        w = torch.ones_like(X[:, 0]) if weight is None else weight.to(self.device, torch.float64)
+        if self.class_weight is not None:
+            w = w * (Y @ self.class_weight)
+        Xa = torch.cat([Xc, torch.ones_like(Xc[:, :1])], 1)  # (n, D+1)
+        self.G += Xa.T @ (w[:, None] * Xa)
+        self.B += Xa.T @ (w[:, None] * Y)
+        self.sx += Xc.sum(0)
+        self.sxx += (Xc * Xc).sum(0)
+        self.n += len(X)
+        return self
+
+    def solve(self):
+        """-> a function mapping features (m, D) to (m, K) float scores."""
+        n, D = self.n, len(self.sx)
+        mu = self.sx / n  # mean around the shift
+        sd = ((self.sxx - n * mu * mu) / (n - 1)).clamp(min=0).sqrt() + 1e-6  # X.std(0) + 1e-6, as ridge_fit
+        # [standardized x, 1] = [x - shift, 1] @ T: a change of basis of the accumulated sums
+        T = torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        T[:D, :D], T[D, :D] = torch.diag(1 / sd), -mu / sd
+        mean_w = self.G[D, D] / n
+        A = T.T @ self.G @ T / mean_w + self.lam * n * torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        M = T @ torch.linalg.solve(A, T.T @ self.B / mean_w)  # (D+1, K) weights on [x - shift, 1]
+        shift, dev = self.shift, self.device
+        return lambda Z: ((Z.to(dev, torch.float64) - shift) @ M[:D] + M[D]).float()
+
+
+class Confusion:
+    """Streaming confusion matrix: rows the true class, columns the predicted one."""
+
+    def __init__(self, n_classes):
+        self.n, self.m = n_classes, torch.zeros(n_classes, n_classes, dtype=torch.long)
+
+    def update(self, pred, target):
+        pair = target.flatten().long() * self.n + pred.flatten().long()  # one bin per (true, predicted)
+        self.m += torch.bincount(pair, minlength=self.n ** 2).view(self.n, self.n).cpu()
+        return self
+
+    def miou(self):
+        """Mean IoU over the classes present in the ground truth; a wrong prediction enlarges the
+        union of both its true and its predicted class."""
+        inter, present = self.m.diag(), self.m.sum(1) > 0
+        union = self.m.sum(0) + self.m.sum(1) - inter
+        return (inter[present] / union[present]).mean().item()
+
+
+@dataclass
+class CocoProbeData:
+    train: object  # CocoProbeSet: probe_train images evenly spaced over train2017
+    val: object  # CocoProbeSet: all of val2017
+    dense_weight: torch.Tensor  # (81,) 1 / patch frequency of each class in the probe's train images
+
+
+def coco_probe_data(data_dir, train_set, val_set, n_train, n_words, img_size, patch_size):
+    """Once, at start-up: the probe images with their instance masks, parsed keeping only what the
+    probes need; None (and one line) when the instances files are missing or unreadable."""
+    t0, ann = time.time(), os.path.join(data_dir, "annotations")
+    idx = torch.linspace(0, len(train_set) - 1, min(n_train, len(train_set))).round().long().unique().tolist()
+    try:
+        names, _, rec_tr, n_tr = read_instances(os.path.join(ann, "instances_train2017.json"),
+                                                [train_set.ids[i] for i in idx])
+        _, _, rec_va, n_va = read_instances(os.path.join(ann, "instances_val2017.json"), val_set.ids)
+    except UserError as e:
+        print(f"{e}. Training goes on with validation losses only")
+        return None
+    idx = [i for i in idx if train_set.ids[i] in rec_tr]
+    jdx = [j for j in range(len(val_set)) if val_set.ids[j] in rec_va]
+    if not idx or not jdx:
+        print(f"the instances files list none of the {'train' if not idx else 'val'} images: no COCO probes; "
+              f"training goes on with validation losses only")
+        return None
+    vocab = caption_word_vocab([train_set.captions[i] for i in idx], n_words)
+    kw = dict(vocab=vocab, n_classes=len(names), img_size=img_size, patch_size=patch_size)
+    tr = CocoProbeSet([train_set.files[i] for i in idx], [rec_tr[train_set.ids[i]] for i in idx],
+                      [train_set.captions[i] for i in idx], **kw)
+    va = CocoProbeSet([val_set.files[j] for j in jdx], [rec_va[val_set.ids[j]] for j in jdx],
+                      [val_set.captions[j] for j in jdx], **kw)
+    labels = torch.cat([patch_labels(tr.label_map(i)[None], patch_size)[0] for i in range(len(tr))])
+    freq = torch.bincount(labels, minlength=len(names) + 1).double()
+    print(f"coco probes: {len(tr)} train / {len(va)} val images, {len(vocab)} caption words, {n_tr + n_va} "
+          f"compressed crowd masks left out; instances read in {time.time() - t0:.0f} s")
+    return CocoProbeData(tr, va, 1 / freq.clamp(min=1))
+
+
+@torch.no_grad()
+def coco_features(encode, probe_set, n, num_workers, worker_init_fn=None, batch_size=64):
+    """(patch features (B, N, D) float, the batch's ground truth) for the first n images."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(probe_set, range(min(n, len(probe_set)))),
+                                         batch_size=batch_size, collate_fn=probe_collate,
+                                         num_workers=num_workers, worker_init_fn=worker_init_fn)
+    for b in loader:
+        yield encode(b["image"]).float(), b
+
+
+def coco_probes(encode, pd, n_val, num_workers=0, worker_init_fn=None):
+    """Ridge probes on frozen features, fitted on the probe's train images and scored on n_val val
+    images: 80-way category mAP and caption-word mAP from average-pooled features, segmentation
+    mIoU (background + 80) from patch features (streamed: X^T X, never all patches, on the device
+    the features come on), and RankMe of the pooled val features."""
+    n_cls = len(pd.dense_weight)
+    dense, pooled = None, dict(train=[], val=[])
+    for f, b in coco_features(encode, pd.train, len(pd.train), num_workers, worker_init_fn):
+        dense = dense or StreamingRidge(f.size(-1), n_cls, class_weight=pd.dense_weight, device=f.device)
+        dense.update(f.flatten(0, 1), F.one_hot(b["patch_labels"].flatten(), n_cls).to(f.device))
+        pooled["train"].append((f.mean(1).cpu(), b["present"], b["words"]))
+    score, conf = dense.solve(), Confusion(n_cls)
+    for f, b in coco_features(encode, pd.val, n_val, num_workers, worker_init_fn):
+        conf.update(score(f.flatten(0, 1)).argmax(1).cpu(), b["patch_labels"].flatten())
+        pooled["val"].append((f.mean(1).cpu(), b["present"], b["words"]))
+    (Xtr, Ptr, Wtr), (Xva, Pva, Wva) = ([torch.cat(x) for x in zip(*pooled[k])] for k in ("train", "val"))
+    return dict(coco_cls_map=average_precision(ridge_fit(Xtr, Ptr)(Xva), Pva), coco_dense_miou=conf.miou(),
+                coco_words_map=average_precision(ridge_fit(Xtr, Wtr)(Xva), Wva), rankme=rankme(Xva))
 
 
 # =============================================================================

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import tcjepa
-from data import (COLOR_RGB, COLORS, MEAN, SHAPES, STD, CocoCaptions, Collate, DataError, ShapesDataset,
+from data import (COLOR_RGB, COLORS, MEAN, SHAPES, STD, CocoCaptions, Collate, UserError, ShapesDataset,
                   load_tokenizer, patch_labels, train_tokenizer)
 from tcjepa import TCJEPA, TCJEPAConfig, sample_masks
 
@@ -571,11 +571,80 @@ def test_padded_captions_ignored_real_captions_matter():
     t2 = tokens.clone()
     t2[0, 2] = torch.randint(1, cfg.vocab_size, (cfg.max_words,), generator=g)  # edit the padded caption
     torch.testing.assert_close(predict(t2), base)
+    b, c, w = ((~word_mask) & word_mask.any(-1, keepdim=True)).nonzero()[0].tolist()  # padding inside a real caption
+    t4 = tokens.clone()
+    t4[b, c, w] = 7  # a real word id at a padded position: masked, so nothing changes
+    torch.testing.assert_close(predict(t4), base)
     t3 = tokens.clone()
     t3[0, 0] = (t3[0, 0] % (cfg.vocab_size - 1)) + 1  # edit a real caption
     M = cfg.n_targets
     assert (predict(t3)[:M] - base[:M]).abs().max() > 1e-4  # rows 0..M-1: image 0's target blocks
     torch.testing.assert_close(predict(t3)[M:], base[M:])  # image 1 is untouched
+
+
+def test_targets_are_layer_normed_without_parameters():
+    """notes/paper.md §1.3: targets are the target encoder's output normalized once more over the
+    feature dimension with no learned scale or offset: mean 0 and std 1 per token, whatever the
+    target encoder's own final LayerNorm has learned (at init it would hide a missing norm)."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TCJEPA(cfg)
+    with torch.no_grad():
+        model.target.norm.weight.uniform_(0.5, 3.0)
+        model.target.norm.bias.uniform_(-2.0, 2.0)
+    g = torch.Generator().manual_seed(0)
+    ctx, tgt = sample_masks(2, cfg, g)
+    t = model.predict(torch.randn(2, 3, 32, 32), ctx, tgt)["targets"]  # (B*M, Nt, D)
+    torch.testing.assert_close(t.mean(-1), torch.zeros(t.shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.var(-1, unbiased=False), torch.ones(t.shape[:-1]), atol=1e-3, rtol=0)
+
+
+def test_ema_is_updated_from_the_raw_model_whatever_wraps_it():
+    """train_step moves the EMA target from the raw model: under DDP the wrapped model has only a
+    forward, so an update through it would break every multi-GPU run."""
+    import train
+
+    class ForwardOnly(torch.nn.Module):  # what DDP exposes: forward, no update_target
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            return self.m(*a)
+
+    cfg = tiny_cfg(img_size=64)
+    tcfg = train.TrainConfig(batch_size=4, ema_start=0.9, ema_end=0.9)
+    rt = train.Runtime(False, 0, 0, 1, torch.device("cpu"), False, train.nullcontext())
+    raw, opt = train.build_model(cfg, tcfg, rt)
+    g = torch.Generator().manual_seed(0)
+    tokens, wm = fake_text(4, cfg, g)
+    batch = dict(images=torch.randn(4, 3, 64, 64), tokens=tokens, word_mask=wm)
+    before = [p.clone() for p in raw.target.parameters()]
+    train.train_step(0, ForwardOnly(raw), raw, opt, lambda: batch, tcfg, cfg, rt)
+    for b, t, e in zip(before, raw.target.parameters(), raw.encoder.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * e)
+    assert any(not torch.equal(b, t) for b, t in zip(before, raw.target.parameters()))
+
+
+def test_val_losses_shuffled_and_none_are_what_they_say():
+    """The manipulation check of every experiment: val_shuffled is the loss with each image's captions
+    taken from its neighbour, val_none with no caption, each against a direct forward pass."""
+    import train
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TCJEPA(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens, wm = fake_text(4, cfg, g)
+    ctx, tgt = sample_masks(4, cfg, g)
+    b = dict(images=torch.randn(4, 3, 32, 32), tokens=tokens, word_mask=wm, ctx=ctx, tgt=tgt)
+    v = train.val_losses(model, [b], torch.device("cpu"), train.nullcontext())
+    with torch.no_grad():
+        def direct(tok, w):
+            return model(b["images"], ctx, tgt, tok, w)["loss_pred"].item()
+        assert v["true"] == pytest.approx(direct(tokens, wm))
+        assert v["shuffled"] == pytest.approx(direct(tokens.roll(1, 0), wm.roll(1, 0)))
+        assert v["none"] == pytest.approx(direct(tokens, torch.zeros_like(wm)))
+        assert len({round(x, 6) for x in v.values()}) == 3  # three different numbers
 
 
 def test_ema_target_no_grad_and_no_text_params():
@@ -1003,7 +1072,7 @@ def test_coco_16_bit_image_keeps_its_range(coco_dir):
 
 
 def _error(fn):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         fn()
     msg = str(e.value)
     assert "\n" not in msg
@@ -1037,7 +1106,7 @@ def test_coco_errors_name_the_path(coco_dir, tmp_path):
     ann.unlink()
     msg = _error(lambda: CocoCaptions(coco_dir))
     assert str(ann) in msg and "cocodataset.org" in msg
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         ShapesDataset("test")
 
 
@@ -1099,7 +1168,7 @@ def test_collate_coco(coco_dir, tok_path, capsys):
     assert again["captions"] == batch["captions"] and torch.equal(again["tokens"], batch["tokens"])
     orders = {tuple(collate([ds[(0, s)]])["captions"][0]) for s in range(6)}
     assert len(orders) > 1  # the seed picks the captions
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         collate([None, None])
 
 
@@ -1266,7 +1335,7 @@ def test_read_instances_errors_in_one_line(tmp_path, content):
     if content is not None:
         path.parent.mkdir()
         path.write_text(content)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(data.UserError) as e:
         data.read_instances(path)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "annotations_trainval2017.zip" in msg
@@ -1277,7 +1346,7 @@ def test_read_instances_rejects_a_bad_rle(tmp_path):
     d = json.loads(path.read_text())
     next(a for a in d["annotations"] if a["id"] == 103)["segmentation"]["counts"][-1] += 1  # one pixel too many
     path.write_text(json.dumps(d))
-    with pytest.raises(data.DataError, match="annotation 103"):
+    with pytest.raises(data.UserError, match="annotation 103"):
         data.read_instances(path)
 
 
@@ -1406,10 +1475,10 @@ def test_rankme():
     g = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(500, 5, generator=g))[0]
     V = torch.linalg.qr(torch.randn(64, 5, generator=g))[0].T
-    assert train.rankme(U @ V) == pytest.approx(5, abs=0.01)  # orthonormal factors: exactly k
-    r = train.rankme(torch.randn(500, 5, generator=g) @ torch.randn(5, 64, generator=g))
+    assert data.rankme(U @ V) == pytest.approx(5, abs=0.01)  # orthonormal factors: exactly k
+    r = data.rankme(torch.randn(500, 5, generator=g) @ torch.randn(5, 64, generator=g))
     assert 0.9 * 5 <= r <= 5.01  # 4.93 here: the factors' singular values are not all equal
-    assert train.rankme(torch.randn(20000, 64, generator=g)) > 0.99 * 64
+    assert data.rankme(torch.randn(20000, 64, generator=g)) > 0.99 * 64
 
 
 def test_streaming_ridge_equals_ridge_fit():
@@ -1420,10 +1489,10 @@ def test_streaming_ridge_equals_ridge_fit():
     Y, Z = F.one_hot(y, 4).float(), torch.randn(50, 12, generator=g) + 5
     freq = torch.bincount(y, minlength=4).float()
     for kw, weight in [({}, None), (dict(class_weight=1 / freq), 1 / freq[y])]:
-        s = train.StreamingRidge(12, 4, lam=1e-2, **kw)
+        s = data.StreamingRidge(12, 4, lam=1e-2, **kw)
         for i in range(0, 900, 250):
             s.update(X[i:i + 250], Y[i:i + 250])
-        want = train.ridge_fit(X, Y, weight=weight, lam=1e-2)(Z)
+        want = data.ridge_fit(X, Y, weight=weight, lam=1e-2)(Z)
         assert (s.solve()(Z) - want).abs().max() < 1e-6 * want.abs().max()
 
 
@@ -1431,10 +1500,10 @@ def test_streaming_ridge_keeps_precision_far_from_the_origin():
     g = torch.Generator().manual_seed(3)
     X = (1e6 + 1e-2 * torch.randn(900, 6, generator=g, dtype=torch.float64))  # sums of x^2 would cancel
     Y = (X[:, :2] - 1e6) * 1e2 + 0.1 * torch.randn(900, 2, generator=g, dtype=torch.float64)
-    s = train.StreamingRidge(6, 2)
+    s = data.StreamingRidge(6, 2)
     for i in range(0, 900, 300):
         s.update(X[i:i + 300], Y[i:i + 300])
-    want = train.ridge_fit(X, Y)(X[:20])  # float64 features: ridge_fit computes in float64 throughout
+    want = data.ridge_fit(X, Y)(X[:20])  # float64 features: ridge_fit computes in float64 throughout
     assert (s.solve()(X[:20]) - want).abs().max() < 1e-6 * want.abs().max()
 
 
@@ -1446,25 +1515,25 @@ def test_probes_find_labels_in_informative_features_and_nothing_in_noise():
     noise = torch.randn(n, 16, generator=g)
     res = {}
     for name, X in (("informative", informative), ("noise", noise)):
-        s = train.StreamingRidge(16, C)
+        s = data.StreamingRidge(16, C)
         for i in range(0, 2000, 500):
             s.update(X[i:i + 500], F.one_hot(y[i:i + 500], C).float())
         pred = s.solve()(X[2000:]).argmax(1)
-        conf = train.Confusion(C).update(pred[:500], y[2000:2500]).update(pred[500:], y[2500:])
-        assert conf.miou() == pytest.approx(train.Confusion(C).update(pred, y[2000:]).miou())
+        conf = data.Confusion(C).update(pred[:500], y[2000:2500]).update(pred[500:], y[2500:])
+        assert conf.miou() == pytest.approx(data.Confusion(C).update(pred, y[2000:]).miou())
         res[name] = (pred == y[2000:]).float().mean().item(), conf.miou()
     assert min(res["informative"]) > 0.99 and max(res["noise"]) < 0.35  # chance: 0.2 accuracy, ~0.11 IoU
 
     labels = (torch.rand(2000, 8, generator=g) < 0.2).float()
     labels[:, 7] = 0  # a column without positives is left out of the mean
-    assert train.average_precision(labels + 0.1 * torch.randn(2000, 8, generator=g), labels) > 0.99
-    assert train.average_precision(torch.randn(2000, 8, generator=g), labels) == pytest.approx(0.2, abs=0.04)
+    assert data.average_precision(labels + 0.1 * torch.randn(2000, 8, generator=g), labels) > 0.99
+    assert data.average_precision(torch.randn(2000, 8, generator=g), labels) == pytest.approx(0.2, abs=0.04)
 
 
 def test_miou_over_the_classes_present():
     target, pred = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 1, 1])
     # class 2 is predicted but never true: not in the mean, but its false positive halves class 0's IoU
-    assert train.Confusion(3).update(pred, target).miou() == pytest.approx((0.5 + 1) / 2)
+    assert data.Confusion(3).update(pred, target).miou() == pytest.approx((0.5 + 1) / 2)
 
 
 # =============================================================================
@@ -1491,6 +1560,42 @@ def run_train(*args, check=True, **kw):
     return out
 
 
+def slow_step_script(tmp_path, seconds):
+    """A script that runs train.py with every training step slowed by `seconds` (as a big model's
+    step is): the step is wrapped from outside, train.py has no test hook."""
+    path = tmp_path / f"slow_train_{seconds}.py"
+    path.write_text(f"""import sys, time
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import train
+step = train.train_step
+def slow_step(*a, **k):
+    time.sleep({seconds})
+    return step(*a, **k)
+train.train_step = slow_step
+sys.exit(train.run())
+""")
+    return str(path)
+
+
+def signal_after_step_script(tmp_path, after):
+    """A script that runs train.py and sends SIGTERM to its own process group (itself and its loader
+    workers, as a scheduler does) right after step `after` (1-based): a stop at a known step."""
+    path = tmp_path / f"signal_after_{after}.py"
+    path.write_text(f"""import os, signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import train
+step = train.train_step
+def step_then_signal(i, *a, **k):
+    out = step(i, *a, **k)
+    if i + 1 == {after}:
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    return out
+train.train_step = step_then_signal
+sys.exit(train.run())
+""")
+    return str(path)
+
+
 def train_log(out_dir):
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     return {r["step"]: r for r in recs if "loss" in r}
@@ -1508,26 +1613,21 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     evals = [json.loads(line) for line in open(f"{a}/log.jsonl") if "val_true" in line]
     assert {"val_true", "val_shuffled", "val_none", "dense_shape", "img_count_acc"} <= set(evals[0])
     # the same run with a DataLoader worker, stopped by SIGTERM to its whole process group (as torchrun and
-    # SLURM send it) part-way, then resumed: the same losses step for step (data do not depend on workers)
+    # SLURM send it) right after step 5, then resumed: the same losses step for step (data do not depend on
+    # workers; the optimizer's moments, the schedules and the data order come back from the checkpoint)
     args = [*TINY, "--max_steps", "12", "--out_dir", b, "--eval_every", "6", "--num_workers", "1"]
-    proc = subprocess.Popen([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
-    deadline = time.time() + 120
-    while not (os.path.exists(f"{b}/log.jsonl") and len(train_log(b)) >= 3) and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_STOPPED and "SIGTERM: saved" in text, text[-2000:]
-    stopped = max(train_log(b))
+    proc = subprocess.run([sys.executable, signal_after_step_script(tmp_path, 5), *args], capture_output=True,
+                          text=True, env=ENV, cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
+    assert proc.returncode == train.EXIT_STOPPED and "SIGTERM: saved" in proc.stdout, proc.stdout[-2000:] + proc.stderr
+    assert max(train_log(b)) == 5 and torch.load(f"{b}/ckpt.pt", weights_only=False)["step"] + 1 == 5
     other = tmp_path / "other.json"
     train_tokenizer(["zebra giraffe", "a giraffe"], 128, other)
     shutil.copy(other, f"{b}/tokenizer.json")  # the resumed run must keep the checkpoint's own tokenizer
-    if stopped < 12:  # (a fast machine may finish before the signal lands)
-        run_train(*args, "--resume", f"{b}/ckpt.pt")
-        resumed = train_log(b)
-        assert sorted(resumed) == list(range(1, 13))
-        for s in range(stopped + 1, 13):
-            assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
+    run_train(*args, "--resume", f"{b}/ckpt.pt")
+    resumed = train_log(b)
+    assert sorted(resumed) == list(range(1, 13))
+    for s in range(1, 13):
+        assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5, abs=1e-6), s
     out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--eval_only", "true")
     assert "val_true" in out.stdout and "dense_shape" in out.stdout
     out = run_train(*TINY, "--out_dir", b, "--resume", f"{b}/ckpt.pt", "--tokenizer", str(other), check=False)
@@ -1536,19 +1636,17 @@ def test_train_end_to_end_then_sigterm_and_exact_resume(tmp_path):
     assert out.returncode != 0 and "checkpoint's model differs in {'width': 32}" in out.stderr
 
 
-def test_resume_a_checkpoint_from_before_tokenizers_were_inside(tmp_path):
-    # checkpoints before 2026-11-29 named their tokenizer file by the path at save time; a moved
-    # folder must still resume, with the tokenizer.json beside the checkpoint (or --tokenizer)
-    old, moved = tmp_path / "old", tmp_path / "moved"
-    run_train(*TINY, "--max_steps", "2", "--out_dir", str(old))
-    ckpt = torch.load(old / "ckpt.pt", weights_only=False)
-    ckpt["tokenizer"] = str(old / "tokenizer.json")
+def test_a_checkpoint_without_its_tokenizer_is_refused_in_one_line(tmp_path):
+    """Checkpoints carry their tokenizer; one without it (another version of train.py) stops with one
+    line, even when --tokenizer names a file."""
+    d = tmp_path / "old"
+    run_train(*TINY, "--max_steps", "2", "--out_dir", str(d))
+    ckpt = torch.load(d / "ckpt.pt", weights_only=False)
     del ckpt["tokenizer_json"]
-    torch.save(ckpt, old / "ckpt.pt")
-    shutil.move(old, moved)
-    for extra in ([], ["--tokenizer", str(moved / "tokenizer.json")]):
-        out = run_train(*TINY, "--out_dir", str(moved), "--resume", str(moved / "ckpt.pt"), "--eval_only", "true", *extra)
-        assert "resumed from" in out.stdout and "val_true" in out.stdout
+    torch.save(ckpt, d / "ckpt.pt")
+    for extra in ([], ["--tokenizer", str(d / "tokenizer.json")]):
+        msg = _main_error([*TINY, "--out_dir", str(d), "--resume", str(d / "ckpt.pt"), "--eval_only", "true", *extra])
+        assert "carries no tokenizer" in msg and "\n" not in msg, msg
 
 
 def test_train_errors_are_one_line(tmp_path):
@@ -1578,7 +1676,7 @@ def test_train_stops_on_nan_naming_the_step(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train.TCJEPA, "forward", nan_at_step_5)
     out_dir = str(tmp_path / "nan")
-    with pytest.raises(train.data.DataError) as e:
+    with pytest.raises(train.data.UserError) as e:
         train.main([*TINY, "--max_steps", "10", "--out_dir", out_dir, "--save_every", "2", "--log_every", "3"])
     assert "not finite at step 5" in str(e.value) and f"{out_dir}/ckpt.pt (step 4)" in str(e.value), str(e.value)
     ckpt = torch.load(f"{out_dir}/ckpt.pt", weights_only=False)
@@ -1614,8 +1712,9 @@ def test_torchrun_sigterm_with_slow_steps_saves_and_resumes_exactly(tmp_path):
                           env=ENV, cwd=here, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     d = str(tmp_path / "slow")
-    proc = subprocess.Popen([*torchrun, *args, "--out_dir", d], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**ENV, "TCJEPA_TEST_SLOW_STEP": "3"}, cwd=here)
+    slow = [*torchrun[:-1], slow_step_script(tmp_path, 3)]
+    proc = subprocess.Popen([*slow, *args, "--out_dir", d], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=here)
     deadline = time.time() + 240
     while not (os.path.exists(f"{d}/log.jsonl") and len(train_log(d)) >= 1) and time.time() < deadline:
         time.sleep(0.05)
@@ -1692,7 +1791,7 @@ def _main_error(argv):
         train.main(argv)
     except SystemExit as e:
         return str(e.code)
-    except train.data.DataError as e:
+    except train.data.UserError as e:
         return "error: " + str(e)
     raise AssertionError("no error")
 
@@ -1756,7 +1855,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(train.data.DataError) as e:
+    with pytest.raises(train.data.UserError) as e:
         train.main([*TINY, "--max_steps", "4", "--out_dir", str(d), "--resume", str(d / "ckpt.pt")])
     monkeypatch.setattr(train.torch, "save", real_save)
     assert "No space left on device" in str(e.value) and "previous checkpoint is kept" in str(e.value)
@@ -1777,8 +1876,10 @@ def test_captions_without_words_stop_text_conditioning(coco_dir, tmp_path):
 
 
 def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
-    """--bench times steps after the warm-up and reports how long the step waited for data: a
+    """notes/bench.py times steps after the warm-up and reports how long the step waited for data: a
     loader slowed by 60 ms per batch must show up as >= 60 ms of wait in every timed step."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes"))
+    import bench
     collate, calls = train.data.Collate.__call__, []
 
     def slow_collate(self, items):
@@ -1787,15 +1888,14 @@ def test_bench_reports_step_time_and_loader_wait(tmp_path, monkeypatch):
         return collate(self, items)
 
     monkeypatch.setattr(train.data.Collate, "__call__", slow_collate)
-    rec = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--out_dir", str(tmp_path / "b")])
-    assert len(calls) == 2 + 4  # 2 val batches, then one batch per step
+    rec = bench.bench(["--steps", "3", "--warmup", "1", *TINY, "--out_dir", str(tmp_path / "b")])
+    assert len(calls) == 4  # one batch per step
     assert rec["steps"] == 3 and rec["mfu"] is None and rec["recompiles_after_warmup"] == 0  # CPU: no known peak
     assert 60 <= rec["data_wait_ms_per_step"] < rec["ms_per_step"]
     assert rec["img_per_s"] == pytest.approx(8 * 1000 / rec["ms_per_step"], rel=1e-6)
-    # --bench_one_batch times the step alone: the slow loader is called once, before the warm-up
-    one = train.main([*TINY, "--bench", "3", "--bench_warmup", "1", "--bench_one_batch", "true",
-                      "--out_dir", str(tmp_path / "one")])
-    assert one["data_wait_ms_per_step"] < 5 and len(calls) == 6 + 2 + 1  # val batches, then one batch for all steps
+    # --one_batch times the step alone: the slow loader is called once, before the warm-up
+    one = bench.bench(["--steps", "3", "--warmup", "1", "--one_batch", *TINY, "--out_dir", str(tmp_path / "one")])
+    assert one["data_wait_ms_per_step"] < 5 and len(calls) == 4 + 1
     assert not (tmp_path / "b").exists()  # a benchmark leaves out_dir as it was (its tokenizer stays in memory)
 
 
@@ -1928,11 +2028,11 @@ def test_probes_known_answers():
     y = torch.randint(0, 5, (2000,), generator=g)
     exact = F.one_hot(y, 5).float() + 0.01 * torch.randn(2000, 5, generator=g)
     noise = torch.randn(2000, 16, generator=g)
-    assert train.class_probe(exact[:1500], y[:1500], exact[1500:], y[1500:], 5) > 0.99
-    assert abs(train.class_probe(noise[:1500], y[:1500], noise[1500:], y[1500:], 5) - 0.2) < 0.06
+    assert data.class_probe(exact[:1500], y[:1500], exact[1500:], y[1500:], 5) > 0.99
+    assert abs(data.class_probe(noise[:1500], y[:1500], noise[1500:], y[1500:], 5) - 0.2) < 0.06
     labels = (torch.rand(500, 3, generator=g) > 0.5).float()
-    assert train.average_precision(labels * 2 - 1, labels) == pytest.approx(1.0)
-    assert abs(train.average_precision(torch.rand(500, 3, generator=g), labels) - 0.5) < 0.1
+    assert data.average_precision(labels * 2 - 1, labels) == pytest.approx(1.0)
+    assert abs(data.average_precision(torch.rand(500, 3, generator=g), labels) - 0.5) < 0.1
 
 
 def test_object_pooled_probe_matches_a_loop_and_knows_the_answer():
@@ -1942,17 +2042,17 @@ def test_object_pooled_probe_matches_a_loop_and_knows_the_answer():
     obj_shape = torch.randint(0, 7, (n, 4), generator=g)  # each object's shape
     shape = torch.where(obj > 0, obj_shape.gather(1, obj) + 1, 0)
     feats = torch.randn(n, N, D, generator=g)
-    X, y = train.object_pooled(feats, shape, obj)
+    X, y = data.object_pooled(feats, shape, obj)
     rows = [(feats[b][obj[b] == k].mean(0), obj_shape[b, k]) for b in range(n) for k in range(1, 4) if (obj[b] == k).any()]
     assert torch.allclose(X, torch.stack([r[0] for r in rows]), atol=1e-5)
     assert torch.equal(y, torch.stack([r[1] for r in rows]))
     # features that carry the shape of their object: the object probe is ~1; noise: chance (1/7)
     code = torch.randn(7, D, generator=g)
     informative = torch.where((obj > 0)[..., None], code[(shape - 1).clamp(min=0)], 0.0) + 0.5 * feats
-    Xi, yi = train.object_pooled(informative, shape, obj)
+    Xi, yi = data.object_pooled(informative, shape, obj)
     h = len(yi) // 2
-    assert train.class_probe(Xi[:h], yi[:h], Xi[h:], yi[h:], 7) > 0.95
-    assert abs(train.class_probe(X[:h], y[:h], X[h:], y[h:], 7) - 1 / 7) < 0.08
+    assert data.class_probe(Xi[:h], yi[:h], Xi[h:], yi[h:], 7) > 0.95
+    assert abs(data.class_probe(X[:h], y[:h], X[h:], y[h:], 7) - 1 / 7) < 0.08
 
 
 def test_presets_fill_only_what_is_not_given():
@@ -1983,9 +2083,9 @@ def test_presets_fill_only_what_is_not_given():
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="only without a GPU")),
 ])
 def test_bad_flag_values_stop_with_one_line(flags, needle):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(train.UserError) as e:
         train.parse_args(flags)
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert needle in msg and "\n" not in msg, msg
     assert train.parse_args(["--shuffle_captions", "false"])[0].shuffle_captions is False
 

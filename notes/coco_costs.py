@@ -11,7 +11,7 @@ with PIL's and COCO's, and the example output. No COCO is needed: each subcomman
 
 parse     writes a synthetic instances_train2017.json of the real size (118,287 images, 860,000
           annotations, COCO's 80 category ids) and prints its size, then the wall, user and system
-          time and the peak memory of data.read_instances on the 2,000 ids train.coco_probe_data picks
+          time and the peak memory of data.read_instances on the 2,000 ids data.coco_probe_data picks
           (the peak of the whole process, the same as `/usr/bin/time -v`'s maximum resident set size).
 raster    per 640x480 image with 7 polygons of 15 vertices, the best of 5 passes over 100 scenes: the
           label map (data.instance_label_map), + the evaluation view (data.eval_crop), and a whole probe
@@ -141,7 +141,7 @@ def cmd_parse():
         path = Path(d) / "instances_train2017.json"
         ids = write_instances(path)
         print(f"synthetic {path.name}: {path.stat().st_size / 1e6:.0f} MB, {len(ids)} images")
-        idx = torch.linspace(0, len(ids) - 1, 2000).round().long().unique().tolist()  # as train.coco_probe_data
+        idx = torch.linspace(0, len(ids) - 1, 2000).round().long().unique().tolist()  # as data.coco_probe_data
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         names, _, images, n_comp = data.read_instances(path, image_ids=[ids[i] for i in idx])
         wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
@@ -209,10 +209,10 @@ def cmd_probes():
     # the dense probe: one batch of 8 images' patches, streamed as StreamingRidge does for every batch
     X, y = f.flatten(0, 1), torch.randint(0, 81, (8 * 196,))
     Y = F.one_hot(y, 81)
-    ridge = train.StreamingRidge(768, 81, class_weight=torch.rand(81) + 0.1).update(X, Y)
+    ridge = data.StreamingRidge(768, 81, class_weight=torch.rand(81) + 0.1).update(X, Y)
     t_up = best_of(lambda: ridge.update(X, Y), 3)
     t_solve = best_of(ridge.solve, 3)
-    score, conf = ridge.solve(), train.Confusion(81)
+    score, conf = ridge.solve(), data.Confusion(81)
     t_score = best_of(lambda: conf.update(score(X).argmax(1), y), 3)
     print(f"StreamingRidge.update 1568 x 768 -> 81: {t_up * 1e3:.0f} ms; solve(): {t_solve * 1e3:.0f} ms; "
           f"score + argmax + Confusion.update of 1568 rows: {t_score * 1e3:.1f} ms")
@@ -220,10 +220,10 @@ def cmd_probes():
     # the pooled probes of a last evaluation: 2,000 train and 5,000 val images, 100 caption words
     Xtr, Xva = torch.randn(2000, 768), torch.randn(5000, 768)
     Ptr, Pva = (torch.rand(2000, 100) < 0.05).float(), (torch.rand(5000, 100) < 0.05).float()
-    t_fit = best_of(lambda: train.ridge_fit(Xtr, Ptr)(Xva), 3)
-    s = train.ridge_fit(Xtr, Ptr)(Xva)
-    t_ap = best_of(lambda: train.average_precision(s, Pva), 3)
-    t_rank = best_of(lambda: train.rankme(Xva), 3)
+    t_fit = best_of(lambda: data.ridge_fit(Xtr, Ptr)(Xva), 3)
+    s = data.ridge_fit(Xtr, Ptr)(Xva)
+    t_ap = best_of(lambda: data.average_precision(s, Pva), 3)
+    t_rank = best_of(lambda: data.rankme(Xva), 3)
     print(f"pooled ridge_fit 2000 x 768 -> 100 + scoring 5000: {t_fit * 1e3:.0f} ms; average_precision "
           f"5000 x 100: {t_ap * 1e3:.0f} ms; rankme 5000 x 768: {t_rank * 1e3:.0f} ms")
 

@@ -7,7 +7,7 @@
 # 1. the CUDA tests: bf16 + torch.compile + fused attention, no host sync in a whole step
 # 2. a canary: a tiny model, compiled with dynamic block sizes on CUDA, 20 steps; if it fails the
 #    ViT-B sections run eagerly (--compile off) rather than fail the same way three times
-# 3. --bench: ViT-B/16 at 224, batch 128, 5 captions, bf16, the step alone (--bench_one_batch):
+# 3. notes/bench.py: ViT-B/16 at 224, batch 128, 5 captions, bf16, the step alone (--one_batch):
 #    I-JEPA vs TC-JEPA img/s, ms/step, peak memory, MFU against 989 TFLOP/s, recompilations
 # 4. the COCO input pipeline against that step: I-JEPA fed by DataLoader workers decoding a
 #    COCO-layout fixture of 640x480 JPEGs (the default worker count); data_wait_ms_per_step near 0 =
@@ -20,12 +20,12 @@ BUDGET=${BUDGET:-240}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-EXTRA=${EXTRA:-}  # appended to every train.py command; a CPU dry run of this script:
-# EXTRA="--device cpu --compile off --batch_size 2 --bench 1 --bench_warmup 1 --num_workers 1" bash notes/gpu_check.sh
+EXTRA=${EXTRA:-}  # appended to every notes/bench.py command; a CPU dry run of this script:
+# EXTRA="--device cpu --compile off --batch_size 2 --steps 1 --warmup 1 --num_workers 1" bash notes/gpu_check.sh
 left() { [ "$SECONDS" -lt "$BUDGET" ] || { echo "skipped (budget): $1" | tee -a "$OUT/bench.txt"; return 1; }; }
-section() {  # $1 = name, rest = train.py flags: full log to $OUT/$1.log, result line + rc to bench.txt
+section() {  # $1 = name, rest = notes/bench.py flags: full log to $OUT/$1.log, result line + rc to bench.txt
   local name=$1; shift
-  timeout -k 10 150 $PY train.py "$@" --out_dir "/tmp/gpu_$name" $EXTRA > "$OUT/$name.log" 2>&1
+  timeout -k 10 150 $PY notes/bench.py "$@" --out_dir "/tmp/gpu_$name" $EXTRA > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $(grep '^bench' "$OUT/$name.log" | tail -1)" | tee -a "$OUT/bench.txt"
   [ $rc -eq 0 ] || tail -5 "$OUT/$name.log" | tee -a "$OUT/bench.txt"
@@ -44,20 +44,20 @@ echo "tests rc=$? $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/bench.txt"
 
 COMPILE="--compile on"
 section canary --width 64 --depth 2 --heads 2 --pred_width 32 --pred_depth 2 --text_width 32 --batch_size 32 \
-  --shapes_size 2000 --val_size 32 --compile on --bench 20 --bench_warmup 5 || COMPILE="--compile off"
+  --shapes_size 2000 --val_size 32 --compile on --steps 20 --warmup 5 || COMPILE="--compile off"
 
 SIZE="--img_size 224 --batch_size 128 --n_captions 5 --val_size 128 --shapes_size 2000 $COMPILE"
 VITB="--preset vit_b16 $SIZE"  # the paper's model on the built-in data
 for tc in none cross; do
-  left "vitb_$tc" && section "vitb_$tc" $VITB --text_cond $tc --bench 30 --bench_warmup 10 --bench_one_batch true
+  left "vitb_$tc" && section "vitb_$tc" $VITB --text_cond $tc --steps 30 --warmup 10 --one_batch
 done
 
 if left "coco"; then  # the coco preset's --num_workers: -1, auto (nproc - 1 here; the bench line says)
   $PY notes/perf.py --coco-fixture /tmp/coco_fix 400 \
-    && section coco --preset coco $SIZE --data_dir /tmp/coco_fix --text_cond none --bench 20 --bench_warmup 10
+    && section coco --preset coco $SIZE --data_dir /tmp/coco_fix --text_cond none --steps 20 --warmup 10
 fi
 
-left "vitb_mlp1" && section vitb_mlp1 $VITB --text_cond cross --cond_mlp_ratio 1 --bench 30 --bench_warmup 10 \
-  --bench_one_batch true
+left "vitb_mlp1" && section vitb_mlp1 $VITB --text_cond cross --cond_mlp_ratio 1 --steps 30 --warmup 10 \
+  --one_batch
 echo "elapsed ${SECONDS}s" | tee -a "$OUT/bench.txt"
 ls -la "$OUT"

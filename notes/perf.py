@@ -6,7 +6,7 @@ CPU measurements behind notes/perf.md. Run from the repository root:
   OMP_NUM_THREADS=1 python notes/perf.py --profile-conditioner   # where one conditioner's time goes
 
 Each timing takes the median of several repeats after a warm-up. The training-step timings
-(text conditioner cost, recompilations) are done with `train.py --bench`, see notes/perf.md.
+(text conditioner cost, recompilations) are done with notes/bench.py, see notes/perf.md.
 """
 
 import io

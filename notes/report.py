@@ -6,6 +6,11 @@ Tables and curves of notes/experiments.md from the logs that notes/run_experimen
   python notes/report.py --mech      # only the pre-registered test of notes/experiments.md §7 and its verdict
   python notes/report.py --dead      # only the dead-zone test of notes/experiments.md §8 (+ <run>.dead.json
                                      # from python notes/dead_zone.py runs/<run>/ckpt.pt)
+  python notes/report.py --sim       # only the remedies of notes/experiments.md §9, their verdict, notes/sim_curves.png
+
+The committed logs are those of sections 7-9; the tables of sections 1-6 need a rerun (their logs were
+not kept, and some §8 runs share their names with §1 runs made under an earlier init), so plain
+`python notes/report.py` prints sections 7-9 and `python notes/report.py runs` every section.
 
 A run that has not finished is reported as missing, never guessed. The first record of a log (the
 run's config) and any record without results are skipped. matplotlib is needed for the curves only.
@@ -313,12 +318,139 @@ def dead(runs):
     print("\n".join(out))
 
 
+# -----------------------------------------------------------------------------
+# notes/experiments.md §9: remedies for the loss's trivial minima, pre-registered
+
+SIM = (("the paper as written", "sim_paper"), ("lambda = beta = 0", "sim_zero"), ("remedy cosine", "sim_cosine"),
+       ("remedy attention", "sim_attn"))
+SIM_SEEDS = (0, 1)
+
+
+def window(train, lo, hi, key):
+    """Mean of a logged value over the records at steps lo..hi."""
+    vals = [r[key] for r in train if lo <= r["step"] <= hi and key in r]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def sim_measures(runs, prefix, seed):
+    d = load(runs, f"{prefix}_s{seed}")
+    if d is None or not d[1] or d[1][-1]["step"] != 1500:
+        return None
+    train, evals = d[0], d[1]
+    return dict(final=evals[-1], evals=evals, train=train, pos_cos_mid=window(train, 425, 500, "pos_cos"),
+                pos_cos_end=window(train, 1425, 1500, "pos_cos"), pos_frac_end=window(train, 1425, 1500, "pos_frac"),
+                loss_pred_end=window(train, 1425, 1500, "loss_pred"), minutes=step_minutes(train))
+
+
+def sim_conditions(m, ref):
+    """The four conditions of the §9 rule for one run (m) against sim_zero of the same seed (ref)."""
+    f, r = m["final"], ref["final"]
+    return {
+        "1 O alive": m["pos_cos_end"] >= 0.05 and m["pos_cos_end"] >= 0.5 * m["pos_cos_mid"] and m["pos_frac_end"] >= 0.01,
+        "2 grounded": (f["ground_o"] >= f["ground_chance"] + 0.10 and f["ground_attn"] >= f["ground_chance"] + 0.10
+                       and f["ground_o_auc"] >= 0.60 and f["ground_attn_auc"] >= 0.60),
+        "3 text used": f["val_true"] <= 0.8 * f["val_shuffled"],
+        "4 no collapse": f["rankme"] >= 0.8 * r["rankme"] and m["loss_pred_end"] >= 0.25 * ref["loss_pred_end"],
+    }
+
+
+def sim(runs):
+    """The §9 table, each run's conditions, and the verdict by the rule as written."""
+    got = {p: {s: sim_measures(runs, p, s) for s in SIM_SEEDS} for _, p in SIM}
+    cols = ["pos_frac_end", "pos_cos_mid", "pos_cos_end", "ground_o", "ground_attn", "ground_chance", "ground_o_auc",
+            "ground_attn_auc", "val_true", "val_shuffled", "val_none", "rankme", "loss_pred_end", "dense_shape_obj",
+            "img_shape_ap", "attn_entropy_end"]
+    out = ["| candidate | seed | " + " | ".join(cols) + " | conditions 1-4 |", "|---|---|" + "---|" * (len(cols) + 1)]
+    verdicts = {}
+    for label, p in SIM:
+        for s in SIM_SEEDS:
+            m = got[p][s]
+            if m is None:
+                out.append(f"| {label} | {s} | " + " | ".join("-" for _ in cols) + " | not finished |")
+                continue
+            f = m["final"]
+            vals = dict(m, **{k: f.get(k, float("nan")) for k in cols if k not in m},
+                        attn_entropy_end=window(m["train"], 1425, 1500, "attn_entropy"))
+            ref = got["sim_zero"][s]
+            conds = sim_conditions(m, ref) if ref else None
+            verdicts.setdefault(p, []).append(conds)
+            marks = " ".join("y" if ok else "n" for ok in conds.values()) if conds else "-"
+            out.append(f"| {label} | {s} | " + " | ".join(f"{vals[k]:.4f}" for k in cols) + f" | {marks} |")
+    out.append("")
+    out.append("minutes in training steps: " + "; ".join(
+        f"{p} " + ", ".join(f"{m['minutes']:.0f}" for m in got[p].values() if m) for _, p in SIM))
+    out.append("")
+    out.append("verdict: " + sim_verdict(verdicts))
+    print("\n".join(out))
+    sim_figure(got)
+
+
+def sim_verdict(verdicts):
+    """A remedy passes when all four conditions hold in both seeds; cosine is preferred (order fixed in §9)."""
+    lines, passed = [], []
+    for _, p in SIM:
+        v = verdicts.get(p, [])
+        if len(v) < len(SIM_SEEDS) or any(c is None for c in v):
+            lines.append(f"{p}: incomplete")
+            continue
+        failed = sorted({k for c in v for k, ok in c.items() if not ok})
+        lines.append(f"{p}: {'passes' if not failed else 'fails ' + ', '.join(failed)}")
+        if not failed and p in ("sim_cosine", "sim_attn"):
+            passed.append(p)
+    if any("incomplete" in x for x in lines):
+        return "; ".join(lines) + " -> undecided"
+    choice = next((p for p in ("sim_cosine", "sim_attn") if p in passed), None)
+    return "; ".join(lines) + (f" -> chosen: {choice}" if choice else " -> no remedy passes: the paper's loss stays")
+
+
+def sim_figure(got):
+    """notes/sim_curves.png: pos_cos and pos_frac over steps, ground_o and ground_attn at each evaluation
+    (chance dotted), per candidate, both seeds."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 4, figsize=(22, 4.2))
+    colors = dict(sim_paper="tab:red", sim_zero="tab:gray", sim_cosine="tab:blue", sim_attn="tab:green")
+    for label, p in SIM:
+        for s, m in got[p].items():
+            if m is None:
+                continue
+            st = "-" if s == 0 else "--"
+            lab = label if s == 0 else None
+            steps = [r["step"] for r in m["train"]]
+            ax[0].plot(steps, [r["pos_cos"] for r in m["train"]], st, color=colors[p], label=lab)
+            ax[1].plot(steps, [r["pos_frac"] for r in m["train"]], st, color=colors[p], label=lab)
+            es = [r["step"] for r in m["evals"]]
+            ax[2].plot(es, [r["ground_o"] for r in m["evals"]], "o" + st, color=colors[p], label=lab)
+            ax[3].plot(es, [r["ground_attn"] for r in m["evals"]], "o" + st, color=colors[p], label=lab)
+            for a in ax[2:]:
+                a.plot(es, [r["ground_chance"] for r in m["evals"]], ":", color="black", lw=0.8)
+    ax[0].set(title="pos_cos: mean positive patch-word cosine", xlabel="step", yscale="log")
+    ax[1].set(title="pos_frac: share of positive cosines", xlabel="step", yscale="log")
+    ax[2].set(title="ground_o (top word by O is the object's; chance dotted)", xlabel="step")
+    ax[3].set(title="ground_attn (top word by attention; chance dotted)", xlabel="step")
+    ax[0].legend(fontsize=8, title="solid seed 0, dashed seed 1", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "sim_curves.png"), dpi=110)
+    print("wrote notes/sim_curves.png")
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a not in ("--mech", "--dead")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     where = args[0] if args else os.path.join(HERE, "runs")
     if "--mech" in sys.argv:
         mech(where)
     elif "--dead" in sys.argv:
         dead(where)
+    elif "--sim" in sys.argv:
+        sim(where)
+    elif not args:  # the committed logs: sections 7-9 only
+        print("sections 1-6: their logs were not kept; rerun them (bash notes/run_experiments.sh) and use "
+              "python notes/report.py runs\n\n## section 7\n")
+        mech(where)
+        print("\n## section 8\n")
+        dead(where)
+        print("\n## section 9\n")
+        sim(where)
     else:
         main(where)
