@@ -351,7 +351,7 @@ class CocoCaptions(torch.utils.data.Dataset):
 
         caps = defaultdict(list)
         for a in annotations:
-            caps[a["image_id"]].append(a["caption"].strip())
+            caps[a["image_id"]].append(clean_caption(a["caption"]))
         on_disk = {e.name for e in os.scandir(img_dir)}  # one directory scan, not one stat per image
         self.files, self.captions, self.ids = [], [], []
         no_caps = missing = 0
@@ -393,6 +393,12 @@ class CocoCaptions(torch.utils.data.Dataset):
     def captions_for_tokenizer(self):
         for caps in self.captions:
             yield from caps
+
+
+def clean_caption(text):
+    """A caption as the tokenizer can take it: what is not valid Unicode (a lone surrogate from a JSON
+    escape such as \\ud800) becomes '?', and outer spaces go."""
+    return text.encode("utf-8", "replace").decode("utf-8").strip()
 
 
 def _read_coco_json(ann):
@@ -492,6 +498,9 @@ def tokenizer_from_str(text, source):
                         f"train one") from None
     tok.no_padding()
     tok.no_truncation()
+    if tok.token_to_id("[UNK]") is None:
+        raise UserError(f"tokenizer {source} has no [UNK] token: a word outside its vocabulary would stop training; "
+                        f"give a tokenizer that train.py wrote (or none: a fresh run trains one)")
     top = max(tok.get_vocab().values(), default=0)
     if top >= tok.get_vocab_size():
         raise UserError(f"tokenizer {source} has ids up to {top} but only {tok.get_vocab_size()} entries: "
@@ -577,20 +586,36 @@ class StepSampler:
             i += 1
 
 
+UNKNOWN_WARN, UNKNOWN_STOP = 0.2, 0.95  # shares of caption words the tokenizer does not know
+
+
 def check_captions(train_set, tokenizer, max_images=10000):
-    """text_cond=cross with captions that tokenize to nothing would train I-JEPA under another name:
-    stop if no sampled image has a usable caption, warn if most have none."""
+    """text_cond=cross with captions whose words the tokenizer does not know would train I-JEPA under
+    another name ([UNK] carries nothing): on a sample of up to max_images images, stop when no image
+    has a known word or UNKNOWN_STOP of the words are unknown (a tokenizer of other data, a tiny
+    vocabulary), warn above UNKNOWN_WARN or when most images have no known word."""
     n = min(len(train_set), max_images)
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n].tolist()
     caps = [train_set.captions_of(i) for i in idx]
     enc = tokenizer.encode_batch([c for cs in caps for c in cs], add_special_tokens=False)
-    usable, k = 0, 0
+    unk = tokenizer.token_to_id("[UNK]")
+    usable, k, words, unknown = 0, 0, 0, 0
     for cs in caps:
-        usable += any(len(e.ids) > 0 for e in enc[k:k + len(cs)])
+        ids = [e.ids for e in enc[k:k + len(cs)]]
+        usable += any(i != unk for e in ids for i in e)
+        words += sum(map(len, ids))
+        unknown += sum(i == unk for e in ids for i in e)
         k += len(cs)
-    if usable == 0:
-        raise UserError(f"--text_cond cross, but none of {n} sampled training images has a caption with a word "
-                        f"the tokenizer knows: fix the captions, or train I-JEPA with --text_cond none")
+    share = unknown / max(1, words)
+    if usable == 0 or share >= UNKNOWN_STOP:
+        what = (f"only {words - unknown} of the {words} caption words of {n} sampled training images are known to "
+                f"the tokenizer" if usable else f"none of {n} sampled training images has a caption with a word the "
+                f"tokenizer knows")
+        raise UserError(f"--text_cond cross, but {what}: fix the captions or give a tokenizer of this data (or none: "
+                        f"a fresh run trains one), or train I-JEPA with --text_cond none")
+    if share > UNKNOWN_WARN:
+        print(f"warning: {unknown} of {words} caption words ({share:.0%}) are unknown to the tokenizer ([UNK]): "
+              f"they carry no text", file=sys.stderr)
     if usable < n / 2:
         print(f"warning: only {usable} of {n} sampled training images have a usable caption; the others train "
               f"without text", file=sys.stderr)
@@ -615,12 +640,14 @@ def patch_labels(label_map, patch_size):
 
 
 def read_instances(path, image_ids=None):
-    """COCO instances_{train,val}2017.json -> (names, label_of, images, n_compressed).
+    """COCO instances_{train,val}2017.json -> (names, label_of, images, dropped).
 
     names: the category names in id order (80 for COCO); label_of: category id -> label 1..len(names)
     (ids run 1..90 with gaps); images: {image_id: dict(file_name, width, height, anns)} for the wanted
     ids only (all when image_ids is None), anns a list of (label, area, segmentation, iscrowd);
-    n_compressed: crowd annotations with a compressed RLE (a string of counts), left out."""
+    dropped: {kind: count} of the annotations left out (a compressed crowd RLE, which needs
+    pycocotools; a malformed segmentation; an unknown category; a bad area or iscrowd): one bad
+    annotation costs itself, not the probes."""
     path = Path(path)
     fix = (f"probes need annotations/{path.name} from annotations_trainval2017.zip (cocodataset.org): "
            f"unzip it into {path.parent.parent}")
@@ -634,36 +661,53 @@ def read_instances(path, image_ids=None):
                         f"{fix}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"COCO instances unreadable: {path}: {e}; {fix}") from None
+    dropped = Counter()
     try:
         cats = sorted(data["categories"], key=lambda c: c["id"])
         names, label_of = [c["name"] for c in cats], {c["id"]: k + 1 for k, c in enumerate(cats)}
         wanted = None if image_ids is None else set(image_ids)
         images = {im["id"]: dict(file_name=im["file_name"], width=im["width"], height=im["height"], anns=[])
                   for im in data["images"] if wanted is None or im["id"] in wanted}
-        n_compressed = 0
         for a in data["annotations"]:
             rec = images.get(a["image_id"])
             if rec is None:  # not wanted: nothing is built for it
                 continue
-            seg = a["segmentation"]
-            if isinstance(seg, dict) and isinstance(seg["counts"], str):
-                n_compressed += 1
-                continue
-            if not _valid_segmentation(seg, rec["height"], rec["width"]):
-                raise ValueError(f"annotation {a['id']} has a malformed segmentation")
-            rec["anns"].append((label_of[a["category_id"]], float(a["area"]), seg, int(a["iscrowd"])))
+            seg = a.get("segmentation")
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), str):
+                dropped["compressed crowd mask"] += 1
+            elif not _valid_segmentation(seg, rec["height"], rec["width"]):
+                dropped["malformed segmentation"] += 1
+            elif a.get("category_id") not in label_of:
+                dropped["unknown category"] += 1
+            elif not (_number(a.get("area")) and a.get("iscrowd") in (0, 1)):
+                dropped["bad area or iscrowd"] += 1
+            else:
+                rec["anns"].append((label_of[a["category_id"]], float(a["area"]), seg, int(a["iscrowd"])))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"COCO instances unexpected: {path} ({type(e).__name__}: {e}); is it an instances "
                         f"file? {fix}") from None
-    return names, label_of, images, n_compressed
+    return names, label_of, images, dict(dropped)
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _valid_segmentation(seg, height, width):
-    """Polygons: lists of an even number of coordinates; RLE: a list of counts over the whole image."""
+    """Polygons: lists of an even number of finite coordinates; RLE: a list of counts over the whole image."""
     if isinstance(seg, list):
-        return all(isinstance(p, list) and len(p) % 2 == 0 for p in seg)
+        return all(isinstance(p, list) and len(p) % 2 == 0 and all(map(_number, p)) for p in seg)
     return (isinstance(seg, dict) and seg.get("size") == [height, width] and isinstance(seg.get("counts"), list)
-            and sum(seg["counts"]) == height * width)
+            and all(isinstance(c, int) and c >= 0 for c in seg["counts"]) and sum(seg["counts"]) == height * width)
+
+
+def image_size(path):
+    """(width, height) from the file's header (nothing decoded), or None when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def instance_label_map(anns, height, width):
@@ -832,6 +876,8 @@ def ridge_fit(X, Y, weight=None, lam=1e-3):
 def class_probe(Xtr, ytr, Xte, yte, n_classes):
     """Mean per-class accuracy of a ridge classifier (one-hot targets, classes weighted equally so
     that background patches do not drown the objects), over the classes present in yte."""
+    if len(ytr) == 0 or len(yte) == 0:  # e.g. no object patch at all (patches larger than the objects)
+        return float("nan")
     freq = torch.bincount(ytr, minlength=n_classes).float().clamp(min=1)
     scores = ridge_fit(Xtr, F.one_hot(ytr, n_classes).float(), weight=1 / freq[ytr])(Xte)
     pred = scores.argmax(1)
@@ -991,33 +1037,53 @@ class CocoProbeData:
 
 
 def coco_probe_data(data_dir, train_set, val_set, n_train, n_words, img_size, patch_size):
-    """Once, at start-up: the probe images with their instance masks, parsed keeping only what the
-    probes need; None (and one line) when the instances files are missing or unreadable."""
+    """Once, at start-up, for every image the probes will ever read: the instance masks (parsed keeping
+    only what the probes need), checked against the image files, so that nothing fails at the last
+    evaluation. Bad annotations and images are left out with counts by kind; None (and one line) when
+    the instances files are missing or unreadable; a stop when they do not describe these images."""
     t0, ann = time.time(), os.path.join(data_dir, "annotations")
     idx = torch.linspace(0, len(train_set) - 1, min(n_train, len(train_set))).round().long().unique().tolist()
     try:
-        names, _, rec_tr, n_tr = read_instances(os.path.join(ann, "instances_train2017.json"),
-                                                [train_set.ids[i] for i in idx])
-        _, _, rec_va, n_va = read_instances(os.path.join(ann, "instances_val2017.json"), val_set.ids)
+        names, _, rec_tr, drop_tr = read_instances(os.path.join(ann, "instances_train2017.json"),
+                                                   [train_set.ids[i] for i in idx])
+        _, _, rec_va, drop_va = read_instances(os.path.join(ann, "instances_val2017.json"), val_set.ids)
     except UserError as e:
         print(f"{e}. Training goes on with validation losses only")
         return None
-    idx = [i for i in idx if train_set.ids[i] in rec_tr]
-    jdx = [j for j in range(len(val_set)) if val_set.ids[j] in rec_va]
-    if not idx or not jdx:
-        print(f"the instances files list none of the {'train' if not idx else 'val'} images: no COCO probes; "
-              f"training goes on with validation losses only")
-        return None
-    vocab = caption_word_vocab([train_set.captions[i] for i in idx], n_words)
+    left_out = Counter(drop_tr) + Counter(drop_va)
+    sets = []
+    for split, ds, ids, rec in (("train", train_set, idx, rec_tr), ("val", val_set, range(len(val_set)), rec_va)):
+        keep = []
+        for i in ids:
+            r = rec.get(ds.ids[i])
+            size = image_size(ds.files[i]) if r is not None else None
+            if r is None:
+                left_out[f"{split} image without instances"] += 1
+            elif size is None:
+                left_out[f"unreadable {split} image"] += 1
+            elif size != (r["width"], r["height"]):
+                left_out[f"{split} image whose size is not its record's"] += 1
+            else:
+                keep.append(i)
+        mismatched = left_out[f"{split} image whose size is not its record's"]
+        if mismatched > len(ids) / 2:
+            raise UserError(f"{mismatched} of {len(ids)} {split} probe images differ in size from their record in "
+                            f"{ann}/instances_{split}2017.json: the masks would not line up; use the instances "
+                            f"files of the same COCO release as the images")
+        if not keep:
+            print(f"no {split} image is usable for the COCO probes ({dict(left_out)}); training goes on with "
+                  f"validation losses only")
+            return None
+        sets.append((ds, keep, rec))
+    vocab = caption_word_vocab([train_set.captions[i] for i in sets[0][1]], n_words)
     kw = dict(vocab=vocab, n_classes=len(names), img_size=img_size, patch_size=patch_size)
-    tr = CocoProbeSet([train_set.files[i] for i in idx], [rec_tr[train_set.ids[i]] for i in idx],
-                      [train_set.captions[i] for i in idx], **kw)
-    va = CocoProbeSet([val_set.files[j] for j in jdx], [rec_va[val_set.ids[j]] for j in jdx],
-                      [val_set.captions[j] for j in jdx], **kw)
+    tr, va = (CocoProbeSet([ds.files[i] for i in keep], [rec[ds.ids[i]] for i in keep], [ds.captions[i] for i in keep],
+                           **kw) for ds, keep, rec in sets)
     labels = torch.cat([patch_labels(tr.label_map(i)[None], patch_size)[0] for i in range(len(tr))])
     freq = torch.bincount(labels, minlength=len(names) + 1).double()
-    print(f"coco probes: {len(tr)} train / {len(va)} val images, {len(vocab)} caption words, {n_tr + n_va} "
-          f"compressed crowd masks left out; instances read in {time.time() - t0:.0f} s")
+    print(f"coco probes: {len(tr)} train / {len(va)} val images, {len(vocab)} caption words; left out: "
+          f"{', '.join(f'{n} {k}' for k, n in sorted(left_out.items())) or 'nothing'}; instances read and checked "
+          f"in {time.time() - t0:.0f} s")
     return CocoProbeData(tr, va, 1 / freq.clamp(min=1))
 
 

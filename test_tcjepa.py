@@ -1316,20 +1316,16 @@ def near_edges(polys, h, w, dist=1.0):
 
 
 def test_read_instances_keeps_wanted_ids(coco):
-    path, (names, label_of, images, n_compressed) = coco
+    path, (names, label_of, images, dropped) = coco
     assert names == ["person", "airplane", "toothbrush"] and label_of == {1: 1, 5: 2, 90: 3}
-    assert set(images) == {11, 12, 13} and n_compressed == 1
+    assert set(images) == {11, 12, 13} and dropped == {"compressed crowd mask": 1}
     assert [len(images[i]["anns"]) for i in (11, 12, 13)] == [2, 3, 0]
     assert [a[0] for a in images[12]["anns"]] == [2, 1, 3] and images[12]["anns"][0][3] == 1
     assert (images[12]["width"], images[12]["height"], images[12]["file_name"]) == (32, 48, "000000000012.jpg")
     assert set(data.read_instances(path)[2]) == {11, 12, 13, 14}
 
 
-BAD = ['{"categories": [], "images": [{"id": 1, "file_name": "a.jpg", "width": 2, "height": 2}], '
-       '"annotations": [{"image_id": 1, "category_id": 1}]}']  # an annotation without a segmentation
-
-
-@pytest.mark.parametrize("content", [None, "{not json", '{"images": 3}', "[]"] + BAD)
+@pytest.mark.parametrize("content", [None, "{not json", '{"images": 3}', "[]", '{"categories": [], "images": []}'])
 def test_read_instances_errors_in_one_line(tmp_path, content):
     path = tmp_path / "annotations" / "instances_val2017.json"
     if content is not None:
@@ -1341,13 +1337,24 @@ def test_read_instances_errors_in_one_line(tmp_path, content):
     assert "\n" not in msg and str(path) in msg and "annotations_trainval2017.zip" in msg
 
 
-def test_read_instances_rejects_a_bad_rle(tmp_path):
+def test_read_instances_leaves_out_bad_annotations_by_kind(tmp_path):
+    """One bad annotation costs itself, not the probes: each kind is counted and left out."""
     path = write_fixture(tmp_path)
     d = json.loads(path.read_text())
-    next(a for a in d["annotations"] if a["id"] == 103)["segmentation"]["counts"][-1] += 1  # one pixel too many
-    path.write_text(json.dumps(d))
-    with pytest.raises(data.UserError, match="annotation 103"):
-        data.read_instances(path)
+    ann = {a["id"]: a for a in d["annotations"]}
+    ann[103]["segmentation"]["counts"][-1] += 1  # an RLE one pixel too long
+    polys = [a for a in d["annotations"] if isinstance(a["segmentation"], list)]
+    polys[0]["segmentation"][0][1] = None  # a null coordinate
+    polys[1]["segmentation"][0][0] = "12.5"  # a string coordinate
+    polys[2]["category_id"] = 999  # a category the file does not list
+    d["annotations"] += [dict(id=998, image_id=11, category_id=1, iscrowd=0, area=5.0,
+                              segmentation=[[1.0, 2.0, float("nan"), 3.0, 4.0, 5.0]]),  # a NaN coordinate
+                         dict(id=997, image_id=11, category_id=1, iscrowd=0, area=5.0)]  # no segmentation
+    path.write_text(json.dumps(d))  # (json writes NaN, as a careless exporter would)
+    names, _, images, dropped = data.read_instances(path)
+    assert dropped == {"compressed crowd mask": 1, "malformed segmentation": 5, "unknown category": 1}, dropped
+    kept = sum(len(r["anns"]) for r in images.values())
+    assert kept == len(d["annotations"]) - 7
 
 
 # -----------------------------------------------------------------------------
@@ -1572,7 +1579,7 @@ def slow_step(*a, **k):
     time.sleep({seconds})
     return step(*a, **k)
 train.train_step = slow_step
-sys.exit(train.run())
+sys.exit(train.cli())
 """)
     return str(path)
 
@@ -1591,7 +1598,7 @@ def step_then_signal(i, *a, **k):
         os.killpg(os.getpgid(0), signal.SIGTERM)
     return out
 train.train_step = step_then_signal
-sys.exit(train.run())
+sys.exit(train.cli())
 """)
     return str(path)
 
@@ -1903,9 +1910,12 @@ def test_train_on_coco_fixture(coco_dir, tmp_path):
     (coco_dir / "val2017" / f"{101:012d}.jpg").write_bytes(b"not a jpeg")  # an unreadable val image is skipped
     _dump(coco_dir / "annotations" / "captions_val2017.json", [100, 101], [(100, "a red square"), (101, "broken")])
     train_tokenizer(["a shapes run left this tokenizer here"], 64, tmp_path / "c" / "tokenizer.json")
-    out = run_train(*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
-                    "--batch_size", "2", "--max_steps", "3", "--log_every", "3", "--eval_every", "2",
-                    "--out_dir", str(tmp_path / "c"))
+    args = [*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "3", "--log_every", "3", "--eval_every", "2", "--out_dir",
+            str(tmp_path / "c")]
+    refused = run_train(*args, check=False)  # a fresh run does not replace what another run left
+    assert refused.returncode == 1 and "holds a run (tokenizer.json)" in refused.stderr
+    out = run_train(*args, "--overwrite", "true")
     assert load_tokenizer(tmp_path / "c" / "tokenizer.json").token_to_id("bus")  # retrained on COCO's captions
     assert "coco train: 5 images" in out.stdout and os.path.exists(tmp_path / "c" / "tokenizer.json")
     evals = [json.loads(line)["step"] for line in open(tmp_path / "c" / "log.jsonl") if "val_true" in line]
@@ -1949,8 +1959,8 @@ def test_coco_probes_end_to_end_on_the_fixture(coco_dir, tmp_path):
     init = [r["init_probes"] for r in recs if "init_probes" in r][0]
     for k in ("coco_cls_map", "coco_dense_miou", "rankme"):
         assert 0 <= ev[k] and 0 <= init[k], k
-    assert isinstance(ev["coco_words_map"], float)  # nan here: the one val caption has none of the 8 words
-    assert "coco probes: 5 train / 1 val images" in out.stdout  # (the unreadable id 5 is dropped when loaded)
+    assert ev["coco_words_map"] is None  # NaN, written as null: the one val caption has none of the 8 words
+    assert "coco probes: 4 train / 1 val images" in out.stdout and "1 unreadable train image" in out.stdout
     out = run_train(*TINY, *coco, "--out_dir", str(d), "--resume", str(d / "ckpt.pt"), "--eval_only", "true")
     assert "coco_dense_miou" in out.stdout and "random init" in out.stdout
 
@@ -2199,3 +2209,278 @@ def test_cuda_flash_attention_path():
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         y = attn(x)  # raises if the fused flash kernel cannot run these shapes
     torch.testing.assert_close(y.float(), attn(x), atol=3e-2, rtol=3e-2)
+
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: the out_dir, signals, workers, late data failures
+
+
+def test_a_fresh_run_never_replaces_the_run_in_its_out_dir(tmp_path):
+    a = tmp_path / "a"
+    train.main([*TINY, "--max_steps", "2", "--out_dir", str(a)])
+    before = {f: (a / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "tokenizer.json")}
+    for flags in (["--text_cond", "none", "--seed", "5"], ["--shapes_size", "4"]):  # a second run, a bad one too
+        msg = _main_error([*TINY, "--max_steps", "2", "--out_dir", str(a), *flags])
+        assert "holds a run (ckpt.pt (step 2), log.jsonl, tokenizer.json)" in msg and "--resume auto" in msg, msg
+        assert "--overwrite true" in msg and "\n" not in msg
+    assert before == {f: (a / f).read_bytes() for f in before}  # not a byte changed
+    log = a / "log.jsonl"
+    (a / "ckpt.pt").rename(a / "moved.pt")  # --resume auto with the checkpoint missing for a moment
+    assert "holds log.jsonl, tokenizer.json but no ckpt.pt" in _main_error([*TINY, "--out_dir", str(a), "--resume", "auto"])
+    (a / "ckpt.pt").symlink_to(a / "nowhere.pt")  # ... or a dangling link
+    assert "dangling link" in _main_error([*TINY, "--out_dir", str(a), "--resume", "auto"])
+    assert log.read_bytes() == before["log.jsonl"]
+    (a / "ckpt.pt").unlink()
+    assert train.main([*TINY, "--max_steps", "3", "--out_dir", str(a), "--overwrite", "true"]) == 0  # asked for
+    assert max(train_log(a)) == 3 and min(train_log(a)) == 1
+    assert train.main([*TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "new"), "--resume", "auto"]) == 0
+
+
+def test_one_writer_per_out_dir(tmp_path):
+    """A second process on the same out_dir says who holds it and changes nothing; the lock dies with
+    its holder (kill -9 leaves none)."""
+    d, here = tmp_path / "d", os.path.dirname(os.path.abspath(__file__))
+    args = [*TINY, "--max_steps", "6", "--out_dir", str(d), "--save_every", "1"]
+    first = subprocess.Popen([sys.executable, slow_step_script(tmp_path, 1), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV, cwd=here)
+    deadline = time.time() + 120
+    while not ((d / "log.jsonl").exists() and len(train_log(d)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    second = run_train(*args[:-4], "--max_steps", "6", "--out_dir", str(d), "--resume", "auto", check=False)
+    assert second.returncode == 1 and f"is in use by process {first.pid} on" in second.stderr.strip().splitlines()[-1]
+    first.kill()  # kill -9: the OS drops its lock
+    first.wait()
+    resumed = run_train(*args, "--resume", "auto")
+    assert sorted(train_log(d)) == list(range(1, 7))
+
+
+def test_torchrun_with_sigterm_to_torchrun_and_its_ranks_at_once_saves(tmp_path):
+    """A scheduler signals every process of the job, and torchrun forwards its own SIGTERM: each rank
+    gets two. The second must not kill a rank before it saves: the checkpoint is at the last logged step."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    d = str(tmp_path / "twice")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           slow_step_script(tmp_path, 2), *TINY, "--max_steps", "20", "--out_dir", d]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=here)
+    deadline = time.time() + 240
+    while not (os.path.exists(f"{d}/log.jsonl") and len(train_log(d)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    for pid in [proc.pid, *map(int, ranks)]:
+        os.kill(pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert text.count("SIGTERM: saved") == 1 and "forcefully" not in text, text[-3000:]
+    saved = torch.load(f"{d}/ckpt.pt", weights_only=False)["step"] + 1
+    assert saved == max(train_log(d)) and saved < 20
+
+
+def test_unknown_words_are_not_caption_words(tmp_path):
+    """[UNK] carries nothing: a tokenizer that knows (nearly) none of the words stops the run; one that
+    misses many is a warning with the numbers."""
+    tiny_vocab = tmp_path / "tiny.json"
+    train_tokenizer(["zebra giraffe"], 8, tiny_vocab)  # none of the shapes captions' words
+    msg = _main_error([*TINY, "--max_steps", "1", "--out_dir", str(tmp_path / "a"), "--tokenizer", str(tiny_vocab)])
+    assert "none of 64 sampled training images has a caption with a word the tokenizer knows" in msg, msg
+    assert "--text_cond none" in msg and "\n" not in msg
+    half = tmp_path / "half.json"  # the built-in captions' words, but none of the shapes or colours
+    words = [w for w in "a an the at in on of is there you can see image picture with and top bottom left right"
+             " center middle corner sits big large small little tiny".split()]
+    train_tokenizer([" ".join(words)], 64, half)
+    out = run_train(*TINY, "--max_steps", "1", "--out_dir", str(tmp_path / "b"), "--tokenizer", str(half))
+    assert "caption words" in out.stderr and "unknown to the tokenizer" in out.stderr
+
+
+def test_resuming_on_another_dataset_is_refused(coco_dir, tmp_path):
+    d = tmp_path / "s"
+    train.main([*TINY, "--max_steps", "1", "--out_dir", str(d)])
+    msg = _main_error([*TINY, "--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32",
+                       "--batch_size", "2", "--out_dir", str(d), "--resume", "auto"])
+    assert "trained on --dataset shapes" in msg and "\n" not in msg, msg
+
+
+def test_bad_probe_annotations_are_dropped_at_start_up(coco_dir, tmp_path):
+    """Null, NaN and string coordinates, an unknown category and a val image whose size is not its
+    record's: each left out (counted) at start-up, and the run ends with its final probes."""
+    _write_instances(coco_dir)
+    for split, fix in (("train", lambda d: d["annotations"][0]["segmentation"][0].__setitem__(1, "7")),
+                       ("val", None)):
+        path = coco_dir / "annotations" / f"instances_{split}2017.json"
+        d = json.loads(path.read_text())
+        if fix:
+            fix(d)
+            d["annotations"][1]["segmentation"][0][0] = None
+            d["annotations"][2]["category_id"] = 77
+            d["annotations"][3]["segmentation"][0][2] = float("nan")
+        else:  # one more val image, recorded at a size it does not have
+            Image.new("RGB", (24, 24)).save(coco_dir / "val2017" / f"{101:012d}.jpg")
+            d["images"].append(dict(id=101, file_name=f"{101:012d}.jpg", width=30, height=24))
+        path.write_text(json.dumps(d))
+    _dump(coco_dir / "annotations" / "captions_val2017.json", [100, 101], [(100, "a red square"), (101, "a box")])
+    coco = ["--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "2", "--eval_every", "1", "--log_every", "1", "--probe_val", "1",
+            "--probe_train", "5", "--probe_words", "8"]
+    out = run_train(*TINY, *coco, "--out_dir", str(tmp_path / "p"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("coco probes:"))
+    assert "3 malformed segmentation" in line and "1 unknown category" in line, line
+    assert "1 val image whose size is not its record's" in line and "1 val images" in line, line
+    evals = [json.loads(x) for x in open(tmp_path / "p" / "log.jsonl") if "val_true" in x]
+    assert [e["step"] for e in evals] == [1, 2] and all(e["coco_dense_miou"] is not None for e in evals)
+    # a wrong instances file (every val image at another size): one line before any training
+    path = coco_dir / "annotations" / "instances_val2017.json"
+    d = json.loads(path.read_text())
+    for im in d["images"]:
+        im["width"] += 1
+    path.write_text(json.dumps(d))
+    msg = _main_error([*TINY, *coco, "--out_dir", str(tmp_path / "q")])
+    assert "differ in size from their record" in msg and not (tmp_path / "q" / "ckpt.pt").exists(), msg
+
+
+def test_an_evaluation_that_a_stop_skipped_is_done_by_the_resume(tmp_path):
+    """A stop at an evaluation step (or at the last step) skips the evaluation (and the final results);
+    the resumed run performs what was skipped."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for stop_at, steps in ((4, 6), (6, 6)):
+        d = tmp_path / f"stop{stop_at}"
+        args = [*TINY, "--max_steps", str(steps), "--eval_every", "4", "--save_every", "100", "--out_dir", str(d)]
+        p = subprocess.run([sys.executable, signal_after_step_script(tmp_path, stop_at), *args], capture_output=True,
+                           text=True, env=ENV, cwd=here, start_new_session=True)
+        assert p.returncode == train.EXIT_STOPPED, p.stdout[-1500:] + p.stderr[-1500:]
+        recs = [json.loads(x) for x in open(d / "log.jsonl")]
+        assert not any(r.get("step") == stop_at and "val_true" in r for r in recs)
+        out = run_train(*args, "--resume", "auto")
+        recs = [json.loads(x) for x in open(d / "log.jsonl")]
+        assert [r["step"] for r in recs if "val_true" in r] == sorted({4, steps}), recs
+        assert sum("init_probes" in r for r in recs) == 1 and "random init" in out.stdout
+        assert "finished" in out.stdout
+
+
+def test_a_dead_loader_worker_saves_and_says_why(tmp_path):
+    """kill -9 of a DataLoader worker (what the OOM killer does): the run saves the last completed step
+    and exits 74 with one line; with a stop pending, the same is a stop (75). The resume completes it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for with_stop in (False, True):
+        d = tmp_path / f"w{int(with_stop)}"
+        args = [*TINY, "--max_steps", "8", "--num_workers", "1", "--out_dir", str(d)]
+        p = subprocess.Popen([sys.executable, slow_step_script(tmp_path, 1), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV, cwd=here)
+        deadline = time.time() + 120
+        while not ((d / "log.jsonl").exists() and len(train_log(d)) >= 2) and time.time() < deadline:
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert workers
+        if with_stop:
+            p.send_signal(signal.SIGTERM)
+        for w in workers:
+            os.kill(int(w), signal.SIGKILL)
+        text, _ = p.communicate(timeout=120)
+        if with_stop:
+            assert p.returncode == train.EXIT_STOPPED and "SIGTERM: saved" in text, text[-2000:]
+        else:
+            assert p.returncode == train.EXIT_WORKER_DIED, text[-2000:]
+            last = text.strip().splitlines()[-1]
+            assert "DataLoader worker" in last and "--num_workers" in last and "Traceback" not in text, text[-2000:]
+        saved = torch.load(d / "ckpt.pt", weights_only=False)["step"] + 1
+        assert saved == max(train_log(d))
+        run_train(*args, "--resume", "auto")
+        assert sorted(train_log(d)) == list(range(1, 9))
+
+
+def test_a_damaged_log_is_resumed_with_a_warning(tmp_path):
+    d = tmp_path / "d"
+    train.main([*TINY, "--max_steps", "4", "--save_every", "2", "--out_dir", str(d)])
+    ckpt = torch.load(d / "ckpt.pt", weights_only=False)
+    ckpt["step"] = 1  # as if killed after the save at step 2
+    torch.save(ckpt, d / "ckpt.pt")
+    with open(d / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 0.\xff}\nnull\n{"step": "6"}\n{"step": 4, "lo')
+    out = run_train(*TINY, "--max_steps", "4", "--save_every", "2", "--out_dir", str(d), "--resume", "auto")
+    assert "4 damaged line(s) left out" in out.stdout and sorted(train_log(d)) == [1, 2, 3, 4]
+    assert all(json.loads(x) is not None for x in open(d / "log.jsonl"))
+
+
+def test_a_full_disk_at_a_log_append_is_one_line_and_leaves_no_partial_line(tmp_path, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    train.append_log(path, dict(step=1, loss=0.5))
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def tell(self):
+            return self.f.tell()
+
+        def truncate(self, n):
+            return self.f.truncate(n)
+
+        def write(self, s):
+            self.f.write(s[:5])  # part of the line reaches the disk
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(train, "open", lambda p, m="r", **k: Full(real_open(p, m, **k)), raising=False)
+    with pytest.raises(train.UserError) as e:
+        train.append_log(path, dict(step=2, loss=0.25))
+    monkeypatch.undo()
+    assert "No space left on device" in str(e.value) and "--resume auto" in str(e.value)
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+def test_log_records_are_strict_json():
+    import io
+    assert train._json_safe(dict(a=float("nan"), b=[1.0, float("inf")], c=dict(d=-float("inf")))) == \
+        dict(a=None, b=[1.0, None], c=dict(d=None))
+
+
+def test_bad_inputs_of_part_two_are_one_line_or_handled(tmp_path, coco_dir):
+    # a WordLevel tokenizer without [UNK]
+    from tokenizers import Tokenizer, models
+    no_unk = tmp_path / "no_unk.json"
+    Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "a": 1, "red": 2})).save(str(no_unk))
+    msg = _main_error([*TINY, "--tokenizer", str(no_unk), "--out_dir", str(tmp_path / "t")])
+    assert "has no [UNK] token" in msg and "\n" not in msg
+    # a seed past 64 bits
+    msg = _main_error([*TINY, "--seed", "18446744073709551616", "--out_dir", str(tmp_path / "s")])
+    assert "--seed must be in [0, " in msg
+    # a caption with a lone surrogate (a JSON escape)
+    path = coco_dir / "annotations" / "captions_train2017.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"a red bus on a street"', '"a red bus \\ud800x"'),
+                    encoding="utf-8")
+    coco = ["--dataset", "coco", "--data_dir", str(coco_dir), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "1", "--num_workers", "0"]
+    assert train.main([*TINY, *coco, "--out_dir", str(tmp_path / "c")]) == 0
+    # patches as large as the objects on the shapes data: probes with nothing to fit are null, not a crash
+    assert train.main([*TINY, "--patch_size", "32", "--min_keep", "1", "--n_targets", "1", "--max_steps", "1",
+                       "--out_dir", str(tmp_path / "p32")]) == 0
+    # stale temp files of a save cut short by kill -9 are removed by the next run
+    (tmp_path / "p32" / "ckpt.pt.12345.tmp").write_bytes(b"half")
+    assert train.main([*TINY, "--patch_size", "32", "--min_keep", "1", "--n_targets", "1", "--max_steps", "2",
+                       "--out_dir", str(tmp_path / "p32"), "--resume", "auto"]) == 0
+    assert not list((tmp_path / "p32").glob("*.tmp"))
+
+
+def test_checkpoints_of_another_version_and_of_another_world(tmp_path):
+    d = tmp_path / "v"
+    train.main([*TINY, "--max_steps", "2", "--out_dir", str(d)])
+    ckpt = torch.load(d / "ckpt.pt", weights_only=False)
+    ckpt["model_config"]["qk_center"] = False  # a field this version does not have
+    torch.save(ckpt, d / "other.pt")
+    msg = _main_error([*TINY, "--out_dir", str(d), "--resume", str(d / "other.pt"), "--eval_only", "true"])
+    assert "another version of the model" in msg and "qk_center" in msg, msg
+    del ckpt["model_config"]["qk_center"]
+    ckpt["world"], ckpt["train_config"]["batch_size"] = 2, 4  # trained by 2 processes of 4 images
+    torch.save(ckpt, d / "two.pt")
+    assert train.main([*TINY, "--out_dir", str(d), "--resume", str(d / "two.pt"), "--eval_only", "true"]) == 0
+    out = run_train(*TINY, "--max_steps", "3", "--shapes_size", "48", "--out_dir", str(d), "--resume", "auto")
+    assert "the training set has 48 images, the checkpoint's run had 64" in out.stdout

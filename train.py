@@ -8,8 +8,8 @@ Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data or
 Every field of TrainConfig and TCJEPAConfig is a flag; a preset fills the fields not given
 (`shapes` by default, `coco` with --dataset coco). `python train.py --help` shows, for each flag,
 the value every preset uses. Exit codes (of each process; torchrun reports its own): 0 finished,
-75 stopped by a signal after saving a checkpoint (resume with --resume auto), 1 the user must act
-(the last line says what to do).
+75 stopped by a signal after saving a checkpoint (resume with --resume auto), 74 a DataLoader worker
+died after saving (resume with fewer --num_workers), 1 the user must act (the last line says what).
 
 The phases, in the order a run calls them: config -> runtime (device, DDP, signals) -> checkpoints
 and the log -> data, tokenizer, model -> the training step -> evaluation -> main, the loop.
@@ -18,16 +18,19 @@ The probes that evaluation runs live in data.py (they take an encode function, n
 
 import argparse
 import dataclasses
+import fcntl
+import glob
 import inspect
 import json
 import math
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,8 +54,9 @@ class TrainConfig:
     dataset: str = "shapes"  # "shapes" (built-in, no download) or "coco" (COCO 2017 captions)
     data_dir: str = "data/coco"  # COCO root with train2017/, val2017/, annotations/
     shapes_size: int = 20000  # number of training images of the built-in dataset
-    shapes_layout: str = "grid3"  # shapes: "grid3" (1-4 objects, 3x3 grid) or "pairs" (2 shapes, one colour, 2x2)
-    shapes_captions: str = "mixed"  # shapes: "mixed" (grid3); "complement" or "substitute" (pairs; notes/experiments.md §7)
+    shapes_layout: str = "grid3"  # "grid3" (1-4 objects, 3x3 grid) or "pairs" (2 shapes, one colour, 2x2)
+    # shapes: "mixed" (grid3); "complement" or "substitute" (pairs; notes/experiments.md §7)
+    shapes_captions: str = "mixed"
     tokenizer: str = ""  # an existing tokenizer.json; default: a fresh run trains one into out_dir
     num_workers: int = 0  # DataLoader workers per process; -1 = auto (this process's share of the CPU cores)
     # run
@@ -64,10 +68,11 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: str = "auto"  # torch.compile the model: "auto" (= on for CUDA), "on", "off"
     resume: str = ""  # a checkpoint to continue from ("auto" = out_dir/ckpt.pt if present)
+    overwrite: bool = False  # a fresh run may replace the run in out_dir (its checkpoint, log and tokenizer)
     # optimization (notes/paper.md §1.6: warmup + cosine lr, weight decay 0.04 -> 0.4, EMA 0.996 -> 1.0)
     lr: float = 2e-3  # peak learning rate (I-JEPA: 1e-3 at batch 2048); lr_per_256 > 0 replaces it
     start_lr: float = 2e-4  # learning rate at step 0, rising linearly to lr; start_lr_per_256 > 0 replaces it
-    lr_per_256: float = 0.0  # > 0: lr = lr_per_256 x global batch / 256, the linear scaling rule (I-JEPA: 1.25e-4)
+    lr_per_256: float = 0.0  # > 0: lr = lr_per_256 x global batch / 256, linear scaling (I-JEPA: 1.25e-4)
     start_lr_per_256: float = 0.0  # > 0: start_lr = start_lr_per_256 x global batch / 256 (I-JEPA: 2.5e-5)
     epochs: float = 0.0  # > 0: max_steps = epochs x train images / global batch
     warmup_epochs: float = 0.0  # > 0: warmup_steps = warmup_epochs x train images / global batch
@@ -75,15 +80,16 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup steps
     weight_decay: float = 0.04  # at step 0, cosine to final_weight_decay (biases, norms: none)
     final_weight_decay: float = 0.4  # weight decay at the last step
-    ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, notes/paper.md §5.2)
+    ema_start: float = 0.99  # EMA momentum at step 0 (I-JEPA 0.996; short runs need less, paper.md §5.2)
     ema_end: float = 0.99  # EMA momentum at the last step (I-JEPA 1.0)
     # logging, evaluation, checkpoints
     log_every: int = 25  # steps between log lines
     eval_every: int = 500  # steps between validation losses (true / shuffled / no captions) and probes
     save_every: int = 500  # steps between checkpoints (and one at the end)
     val_size: int = 256  # validation images for the fixed-mask losses
-    probe_train: int = 2000  # train images the linear probes are fitted on (COCO: evenly spaced over train2017)
-    probe_val: int = 1000  # COCO: val2017 images the probes score at each evaluation; the last one and --eval_only use all
+    probe_train: int = 2000  # train images the linear probes are fitted on (COCO: evenly spaced in train2017)
+    # COCO: val2017 images the probes score at each evaluation; the last one and --eval_only use all
+    probe_val: int = 1000
     probe_words: int = 100  # COCO: the caption-word probe's K most frequent words (stop words left out)
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
     # controls and ablations
@@ -96,25 +102,28 @@ CHOICES = dict(dataset=("shapes", "coco"), device=("auto", "cpu", "cuda"), compi
 # numbers: an int must be >= 1 and a float >= 0 and finite, a range (two numbers) within [0, 1], except
 # these (lowest, highest or None). Checked before anything is built, so no bad value fails deep in torch.
 LIMITS = dict(num_workers=(-1, None), seed=(0, 2**63 - 1), warmup_steps=(0, None), ema_start=(0, 1),
-              ema_end=(0, 1), width=(4, None), pred_width=(4, None), pred_depth=(0, None), vocab_size=(3, None),
-              cond_layers=(-1, None), mlp_ratio=(0.01, None), cond_mlp_ratio=(0.01, None),
-              target_aspect=(0.01, None), cos_temp=(1e-3, None))
+              ema_end=(0, 1), width=(4, None), pred_width=(4, None), pred_depth=(0, None),
+              vocab_size=(3, None), cond_layers=(-1, None), mlp_ratio=(0.01, None),
+              cond_mlp_ratio=(0.01, None), target_aspect=(0.01, None), cos_temp=(1e-3, None))
 
 # presets: (training fields, model fields) that fill what the command line does not give
-SHAPES_MODEL = dict(sparse_coef=0.0, consist_coef=0.0)  # the paper's 0.1 / 0.5 hit the dead zone here (notes/experiments.md §3)
-VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items() if v != getattr(TCJEPAConfig, k)}
-# I-JEPA's recipe (notes/paper.md §1.6) with lr scaled to the global batch; length in epochs (COCO: notes/coco.md)
+# the paper's 0.1 / 0.5 hit the dead zone here (notes/experiments.md §3, §8)
+SHAPES_MODEL = dict(sparse_coef=0.0, consist_coef=0.0)
+VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items()
+           if v != getattr(TCJEPAConfig, k)}
+# I-JEPA's recipe (notes/paper.md §1.6), lr scaled to the global batch, length in epochs (notes/coco.md)
 COCO_TRAIN = dict(dataset="coco", lr_per_256=1.25e-4, start_lr_per_256=2.5e-5, epochs=100, warmup_epochs=15,
                   ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1, log_every=50, eval_every=5000,
                   save_every=1000)
 PRESETS = {
     "shapes": ({}, SHAPES_MODEL),  # the default for --dataset shapes
-    "shapes_long": (dict(max_steps=4000, eval_every=500), SHAPES_MODEL),  # where I-JEPA learns shape (notes/experiments.md §1)
+    "shapes_long": (dict(max_steps=4000, eval_every=500), SHAPES_MODEL),  # see notes/experiments.md §1
     "vit_b16": ({}, VIT_B16),  # the paper's ViT-B/16 at 224 px, on any data
     "coco": (COCO_TRAIN, VIT_B16),  # the default for --dataset coco: ViT-B/16 and I-JEPA's recipe
 }
 # a field given as a flag wins over the preset's rule that would replace it
-REPLACED_BY = dict(max_steps="epochs", warmup_steps="warmup_epochs", lr="lr_per_256", start_lr="start_lr_per_256")
+REPLACED_BY = dict(max_steps="epochs", warmup_steps="warmup_epochs", lr="lr_per_256",
+                   start_lr="start_lr_per_256")
 
 
 def apply_preset(name, given):
@@ -136,19 +145,21 @@ def config_error(t, m):
             v = getattr(cfg, f.name)
             if isinstance(v, (str, bool)):
                 continue
-            lo, hi = LIMITS.get(f.name, (0, 1) if isinstance(v, tuple) else (1 if isinstance(v, int) else 0, None))
+            default = (0, 1) if isinstance(v, tuple) else (1 if isinstance(v, int) else 0, None)
+            lo, hi = LIMITS.get(f.name, default)
             for x in (v if isinstance(v, tuple) else (v,)):  # NaN fails every comparison: caught here
                 if not (math.isfinite(x) and x >= lo and (hi is None or x <= hi)):
-                    return f"--{f.name} must be {f'in [{lo}, {hi}]' if hi is not None else f'at least {lo}'}, got {v}"
+                    bound = f"in [{lo}, {hi}]" if hi is not None else f"at least {lo}"
+                    return f"--{f.name} must be {bound}, got {v}"
             if isinstance(v, tuple) and v[0] > v[1]:
                 return f"--{f.name} takes a range low high, got {v[0]} {v[1]}"
-    for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos axis
+    for k in ("width", "pred_width"):  # heads split the width; sin-cos positions take a quarter per sin/cos
         if getattr(m, k) % m.heads or getattr(m, k) % 4:
             return f"--{k} {getattr(m, k)} must be a multiple of --heads ({m.heads}) and of 4"
     if m.img_size % m.patch_size:
         return f"--img_size {m.img_size} must be a multiple of --patch_size {m.patch_size}"
     if m.text_cond == "cross" and m.pred_depth == 0:
-        return "--text_cond cross needs a predictor layer to condition: --pred_depth at least 1 (or --text_cond none)"
+        return "--text_cond cross needs a predictor layer: --pred_depth at least 1 (or --text_cond none)"
     if not (m.cond_layers == -1 or 1 <= m.cond_layers <= m.pred_depth):
         return f"--cond_layers must be -1 (all) or 1..{m.pred_depth} (--pred_depth), got {m.cond_layers}"
     if (t.shapes_layout == "pairs") != (t.shapes_captions != "mixed"):
@@ -222,17 +233,19 @@ class ArgParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="fills the fields no flag gives: shapes (default), shapes_long, vit_b16, coco (default for --dataset coco)")
+                   help="fills the fields no flag gives: shapes (default), shapes_long, vit_b16, coco "
+                        "(default for --dataset coco)")
     configs = {name: apply_preset(name, {}) for name in PRESETS}  # for the help text: each preset's defaults
-    for title, cls in (("training (TrainConfig)", TrainConfig), ("model (TCJEPAConfig, tcjepa.py)", TCJEPAConfig)):
+    for title, cls in (("training (TrainConfig)", TrainConfig),
+                       ("model (TCJEPAConfig, tcjepa.py)", TCJEPAConfig)):
         group, comments = p.add_argument_group(title), field_comments(cls)
         for f in dataclasses.fields(cls):
             help = f"{comments.get(f.name, '')}; {default_text(f.name, configs)}".replace("%", "%%")
             if isinstance(f.default, tuple):  # ranges such as target_scale: two numbers
-                group.add_argument(f"--{f.name}", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help)
+                group.add_argument(f"--{f.name}", type=float, nargs=2, metavar=("LOW", "HIGH"), help=help)
             else:
                 kind = _boolean if isinstance(f.default, bool) else type(f.default)
-                group.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), default=None, help=help)
+                group.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), help=help)
     args = p.parse_args(argv)
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
              if v is not None and k != "preset"}
@@ -275,7 +288,7 @@ def setup(tcfg):
     ddp = "RANK" in os.environ
     rank, local_rank, world, cpu_group = 0, 0, 1, None
     if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 runs the COCO probes
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
@@ -284,28 +297,29 @@ def setup(tcfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    rt = Runtime(ddp, rank, local_rank, world, device, tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda),
-                 autocast, cpu_group)
+    compile = tcfg.compile == "on" or (tcfg.compile == "auto" and use_cuda)
+    rt = Runtime(ddp, rank, local_rank, world, device, compile, autocast, cpu_group)
     for sig in (signal.SIGTERM, signal.SIGINT):  # save before exit instead of losing the run
         signal.signal(sig, lambda s, f: on_stop_signal(rt, s))
     return rt
 
 
 def on_stop_signal(rt, sig):
-    """The first SIGTERM / SIGINT asks the loop to save and stop; a second one is not caught (it ends
-    the process at once, e.g. a second Ctrl-C during a long evaluation)."""
+    """A SIGTERM or SIGINT asks the loop to save and stop. SIGTERM stays caught: a scheduler and
+    torchrun each send one, and the second must not kill a rank before it saves. A second SIGINT is
+    not caught (a person's second Ctrl-C ends the process at once, e.g. during a long evaluation)."""
     rt.stop_signal = signal.Signals(sig).name
-    signal.signal(sig, signal.SIG_DFL)
+    if sig == signal.SIGINT:
+        signal.signal(sig, signal.SIG_DFL)
 
 
-def stop_requested(rt):
-    """Did this process, or (under DDP) any rank, get a stop signal? The ranks ask every step: one
-    all-reduce of one CPU number, far cheaper than a step (notes/perf.md), so a signal is acted on
-    within one step (or after the evaluation in progress), inside torchrun's 30 s before it kills."""
-    if not rt.ddp:
-        return rt.stop_signal is not None
-    flag = torch.tensor(float(rt.stop_signal is not None))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.cpu_group)
+def stop_requested(rt, local=False):
+    """Did this process (a signal, or `local`), or under DDP any rank, ask to stop? The ranks ask
+    every step: one all-reduce of one CPU number, far cheaper than a step (notes/perf.md), so a signal
+    is acted on within one step (or after the evaluation in progress), inside torchrun's 30 s."""
+    flag = torch.tensor(float(local or rt.stop_signal is not None))
+    if rt.ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.cpu_group)
     return bool(flag)
 
 
@@ -335,7 +349,65 @@ def prepare_out_dir(path):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--out_dir {path} is not a writable folder ({e.strerror}): give another --out_dir") from None
+        raise UserError(f"--out_dir {path} is not a writable folder ({e.strerror}): give another "
+                        f"--out_dir") from None
+
+
+@contextmanager
+def out_dir_lock(path, rt):
+    """One writer per out_dir: rank 0 holds an exclusive lock on out_dir/.lock for the run's life (the
+    OS releases it on any death, so a kill -9 leaves no stale lock). A second process learns who
+    holds it, changes nothing and stops; under DDP every rank stops with it."""
+    f, who = None, "another process"
+    if rt.master:
+        f = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            f.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
+            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or who
+            f.close()
+            f = None
+    held = f is not None if rt.master else True
+    if rt.ddp:  # the ranks agree: all go on, or all stop
+        flag = torch.tensor(float(held))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=rt.cpu_group)
+        held = bool(flag)
+    if not held:
+        raise UserError(f"--out_dir {path} is in use by {who}: wait for that run to end, or give another "
+                        f"--out_dir")
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()
+
+
+def run_in(path):
+    """What a previous run left in out_dir: '' if nothing, else e.g. 'ckpt.pt (step 500), log.jsonl'."""
+    found = []
+    ckpt, log = os.path.join(path, "ckpt.pt"), os.path.join(path, "log.jsonl")
+    if os.path.lexists(ckpt):
+        try:
+            step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] + 1
+            found.append(f"ckpt.pt (step {step})")
+        except Exception:
+            found.append("ckpt.pt")
+    if os.path.exists(log) and os.path.getsize(log) > 0:
+        found.append("log.jsonl")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        found.append("tokenizer.json")
+    return ", ".join(found)
+
+
+def remove_stale_temps(path):
+    """Temp files of saves that a kill -9 cut short (no other process writes here: we hold the lock)."""
+    for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp")):
+        os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -348,7 +420,8 @@ def load_checkpoint(path):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"--resume {path}: not a readable checkpoint ({reason}); give the ckpt.pt of a run, "
                         f"or none to start fresh") from None
-    if not (isinstance(ckpt, dict) and {"model", "optimizer", "model_config", "train_config", "step"} <= set(ckpt)):
+    needed = {"model", "optimizer", "model_config", "train_config", "step"}
+    if not (isinstance(ckpt, dict) and needed <= set(ckpt)):
         raise UserError(f"--resume {path}: not a train.py checkpoint (no model / optimizer / config / step); "
                         f"give the ckpt.pt of a run")
     if "tokenizer_json" not in ckpt:
@@ -368,15 +441,17 @@ def all_finite(*state_dicts):
         elif isinstance(x, (list, tuple)):
             for v in x:
                 yield from tensors(v)
-    return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd) if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd)
+               if t.is_floating_point())
 
 
-def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world):
+def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world, n_train):
     """Atomic: a temp file named for this process, then a rename over the old one (a kill never
     leaves half a file). The tokenizer travels inside (its json). A failed write (disk full) removes
     the temp file, keeps the previous checkpoint and stops with one line."""
-    state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), train_config=dataclasses.asdict(tcfg),
-                 model_config=dataclasses.asdict(mcfg), step=step, tokenizer_json=tokenizer.to_str(), world=world,
+    state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
+                 train_config=dataclasses.asdict(tcfg), model_config=dataclasses.asdict(mcfg),
+                 tokenizer_json=tokenizer.to_str(), world=world, n_train=n_train,
                  rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -385,27 +460,63 @@ def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        where = os.path.dirname(path) or "."
         raise UserError(f"could not save {path} at step {step + 1} ({str(e).splitlines()[0][:100]}); the "
-                        f"previous checkpoint is kept: free space in {os.path.dirname(path) or '.'} and resume "
-                        f"with --resume {path}") from None
+                        f"previous checkpoint is kept: free space in {where} and resume with --resume "
+                        f"{path}") from None
+
+
+def _json_safe(x):
+    """NaN and inf -> None: log.jsonl stays strict JSON (a probe with nothing to score gives NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def append_log(path, rec):
+    """One line, written whole or not at all: a failed write (disk full) is cut back off the file."""
+    line = json.dumps(_json_safe(rec), allow_nan=False) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        size = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+        except OSError as e:
+            f.truncate(size)
+            raise UserError(f"could not write {path} ({e.strerror}): free space in "
+                            f"{os.path.dirname(path) or '.'} and resume with --resume auto") from None
+
+
+def read_log(path):
+    """The records of a log.jsonl (dicts with an int step or none), and how many lines were damaged (cut
+    short by a kill or a full disk, foreign bytes, not a record) and left out."""
+    recs, bad = [], 0
+    if not os.path.exists(path):
+        return recs, bad
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except (json.JSONDecodeError, UnicodeError):
+                r = None
+            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
+                recs.append(r)
+            elif line.strip():
+                bad += 1
+    return recs, bad
 
 
 def trim_log(path, step):
-    """Resuming at `step`: drop the records a killed run wrote after its checkpoint, and the probes at
-    initialization that a finished run wrote last (the resumed run writes them again when it ends)."""
-    if not os.path.exists(path):
-        return
-    recs = []
-    for line in open(path):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
-            pass
+    """Resuming at `step`: drop the records a killed run wrote after its checkpoint, the probes at
+    initialization that a finished run wrote last (the resumed run writes them again when it ends),
+    and damaged lines (said so)."""
+    recs, bad = read_log(path)
+    if bad:
+        print(f"warning: {path}: {bad} damaged line(s) left out")
     keep = [json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= step and "init_probes" not in r]
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -422,8 +533,8 @@ def code_version():
         def git(*a):
             return subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10,
                                   check=True).stdout.strip()
-        return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-                    torch=torch.__version__)
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return dict(commit=git("rev-parse", "HEAD"), dirty=dirty, torch=torch.__version__)
     except (OSError, subprocess.SubprocessError):
         return dict(commit="unknown", dirty="unknown", torch=torch.__version__)
 
@@ -434,7 +545,8 @@ def code_version():
 
 def datasets(tcfg, mcfg):
     if tcfg.dataset == "shapes":
-        kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout, captions=tcfg.shapes_captions)
+        kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout,
+                  captions=tcfg.shapes_captions)
         return data.ShapesDataset("train", size=tcfg.shapes_size, **kw), data.ShapesDataset("val", **kw)
     return (data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size),
             data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size))
@@ -460,10 +572,12 @@ def choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt):
 
 
 def make_loader(train_set, collate, tcfg, rt, start_step):
-    sampler = data.StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rt.rank, rt.world, start_step, tcfg.grad_accum)
+    sampler = data.StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rt.rank, rt.world, start_step,
+                               tcfg.grad_accum)
     return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                        num_workers=tcfg.num_workers, pin_memory=rt.device.type == "cuda",
-                                       persistent_workers=tcfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
+                                       persistent_workers=tcfg.num_workers > 0,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def make_val_batches(val_set, collate, tcfg, mcfg):
@@ -472,7 +586,8 @@ def make_val_batches(val_set, collate, tcfg, mcfg):
     batches, n_val = [], min(tcfg.val_size, len(val_set))
     for i in range(0, n_val, tcfg.batch_size):
         b = collate([val_set[(j, 1000 + j)] for j in range(i, min(n_val, i + tcfg.batch_size))])
-        b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, data.seeded(tcfg.seed, 10**9, i))  # unreadable ones dropped
+        # (len(b["images"]): COCO's unreadable images are dropped)
+        b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, data.seeded(tcfg.seed, 10**9, i))
         b["indices"] = torch.arange(i, min(n_val, i + tcfg.batch_size))  # (shapes: every item is readable)
         batches.append(b)
     return batches
@@ -490,21 +605,32 @@ def build_model(mcfg, tcfg, rt):
     return model, opt
 
 
-def restore(raw_model, opt, ckpt, tcfg, mcfg, rt):
-    """Load a checkpoint into model and optimizer; the model must match. Returns the next step."""
-    diff = {k: v for k, v in ckpt["model_config"].items() if getattr(mcfg, k, None) != v}
+def restore(raw_model, opt, ckpt, tcfg, mcfg, rt, n_train):
+    """Load a checkpoint into model and optimizer; the model and the dataset must match. Returns the
+    next step."""
+    unknown = [k for k in ckpt["model_config"] if not hasattr(mcfg, k)]
+    if unknown:
+        raise UserError(f"--resume: the checkpoint is from another version of the model (its field(s) "
+                        f"{', '.join(unknown)} do not exist here): resume it with the code that wrote it "
+                        f"(the first record of its log.jsonl names the commit)")
+    diff = {k: v for k, v in ckpt["model_config"].items() if getattr(mcfg, k) != v}
     if diff:
         raise UserError(f"--resume: the checkpoint's model differs in {diff}: give the same model flags")
-    changed = [k for k, v in ckpt["train_config"].items()
-               if k not in ("resume", "eval_only") and getattr(tcfg, k, None) != v]
+    t = ckpt["train_config"]
+    changed = [k for k, v in t.items()
+               if k not in ("resume", "eval_only", "overwrite") and getattr(tcfg, k, v) != v]
     if changed:
         rt.print0("resuming with changed training flags: " + ", ".join(
-            f"{k} {ckpt['train_config'][k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
-    t = ckpt["train_config"]
-    if "world" in ckpt and t["batch_size"] * t["grad_accum"] * ckpt["world"] != tcfg.batch_size * tcfg.grad_accum * rt.world:
+            f"{k} {t[k]!r} -> {getattr(tcfg, k)!r}" for k in changed))
+    G = t["batch_size"] * t["grad_accum"] * ckpt["world"]
+    if not tcfg.eval_only and G != tcfg.batch_size * tcfg.grad_accum * rt.world:
         raise UserError(f"--resume: the checkpoint was trained with a global batch of {t['batch_size']} x "
-                        f"{ckpt['world']} processes x {t['grad_accum']} accum; keep it (e.g. --grad_accum) so "
-                        f"that the schedule and the data order stay the same")
+                        f"{ckpt['world']} processes x {t['grad_accum']} accum; keep it (e.g. --grad_accum) "
+                        f"so that the schedule and the data order stay the same")
+    if ckpt.get("n_train", n_train) != n_train and not tcfg.eval_only:
+        rt.print0(f"warning: the training set has {n_train} images, the checkpoint's run had "
+                  f"{ckpt['n_train']}: the data order from here differs from the uninterrupted run's (the "
+                  f"resume is not exact)")
     raw_model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -517,7 +643,8 @@ def wrap(raw_model, rt):
     broadcast. Checkpoints and the EMA use the raw model (no "_orig_mod." keys)."""
     model = torch.compile(raw_model) if rt.compile else raw_model
     if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+        ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        model = DDP(model, device_ids=ids, broadcast_buffers=False)
     return model
 
 
@@ -539,7 +666,8 @@ def schedules(step, t):
     return lr, wd, momentum
 
 
-LOSSES = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "pos_cos", "attn_entropy")  # TCJEPA.forward's
+# what TCJEPA.forward returns, logged every step
+LOSSES = ("loss", "loss_pred", "loss_sparse", "loss_consist", "pos_frac", "pos_cos", "attn_entropy")
 
 
 def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
@@ -558,7 +686,7 @@ def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
         batch = next_batch()
         data_wait += time.perf_counter() - t_wait
         B = batch["images"].size(0)
-        ctx, tgt = sample_masks(B, mcfg, data.seeded(tcfg.seed, step, rt.rank, micro, 3))  # on CPU: no GPU sync
+        ctx, tgt = sample_masks(B, mcfg, data.seeded(tcfg.seed, step, rt.rank, micro, 3))  # CPU: no GPU sync
         images, tokens, wm, ctx, tgt = (x.to(rt.device, non_blocking=True) for x in
                                         (batch["images"], batch["tokens"], batch["word_mask"], ctx, tgt))
         if tcfg.shuffle_captions:  # control: every image gets the captions of its neighbour
@@ -593,7 +721,8 @@ def val_losses(raw_model, val_batches, device, autocast):
     sums = dict(true=0.0, shuffled=0.0, none=0.0)
     n_total = sum(len(b["images"]) for b in val_batches)
     for b in val_batches:
-        images, tokens, wm, ctx, tgt = (b[k].to(device) for k in ("images", "tokens", "word_mask", "ctx", "tgt"))
+        images, tokens, wm, ctx, tgt = (b[k].to(device)
+                                        for k in ("images", "tokens", "word_mask", "ctx", "tgt"))
         variants = dict(true=(tokens, wm), shuffled=(tokens.roll(1, 0), wm.roll(1, 0)),
                         none=(tokens, torch.zeros_like(wm)))
         for name, (tok, w) in variants.items():
@@ -656,21 +785,23 @@ DEAD_ZONE = 1e-3  # pos_frac below this for a whole log window: the rectified te
 
 
 def dead_zone(pos_max, mcfg):
-    return (mcfg.text_cond == "cross" and mcfg.sim_mode != "attention" and (mcfg.sparse_coef > 0 or mcfg.consist_coef > 0)
-            and pos_max < DEAD_ZONE)
+    weighted = mcfg.sparse_coef > 0 or mcfg.consist_coef > 0
+    return mcfg.text_cond == "cross" and mcfg.sim_mode != "attention" and weighted and pos_max < DEAD_ZONE
 
 
 def dead_zone_warning(mcfg, since, done):
-    return (f"warning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word cosine is "
-            f"negative, so the sparsity and consistency losses (--sparse_coef {mcfg.sparse_coef:g} --consist_coef "
-            f"{mcfg.consist_coef:g}) have gone inert (notes/paper.md §2.5); --sim_mode cosine or attention "
-            f"removes the loss's trivial minima (notes/experiments.md §9), 0 turns the losses off")
+    return (f"warning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word "
+            f"cosine is negative, so the sparsity and consistency losses (--sparse_coef "
+            f"{mcfg.sparse_coef:g} --consist_coef {mcfg.consist_coef:g}) have gone inert (notes/paper.md "
+            f"§2.5); --sim_mode cosine or attention removes the loss's trivial minima (notes/experiments.md "
+            f"§9), 0 turns the losses off")
 
 
 # -----------------------------------------------------------------------------
 # main: the phases of a run
 
 EXIT_STOPPED = 75  # stopped by a signal after saving: resume (EX_TEMPFAIL, "try again later")
+EXIT_WORKER_DIED = 74  # a DataLoader worker died (most often out of memory), saved: resume with fewer workers
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for the MFU in the log
 
 
@@ -681,138 +812,181 @@ def peak_flops(rt):
 
 def describe(tcfg, mcfg, train_set, raw_model, rt):
     """The effective configuration in a few lines (every field is in the first record of log.jsonl)."""
-    m, n_params = mcfg, sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    G = tcfg.batch_size * rt.world * tcfg.grad_accum
-    text = (f"text_cond cross, {m.n_captions} captions x {m.max_words} words, lambda {m.sparse_coef:g} beta "
-            f"{m.consist_coef:g}, sim_mode {m.sim_mode}" if m.text_cond == "cross" else "text_cond none (I-JEPA)")
-    return (f"{tcfg.dataset}: {len(train_set)} train images, {tcfg.num_workers} loader workers | {rt.world} x "
-            f"{rt.device.type} | batch {tcfg.batch_size} x {rt.world} x {tcfg.grad_accum} accum = {G} | torch "
-            f"{torch.__version__}\n{tcfg.max_steps} steps = {tcfg.max_steps * G / len(train_set):.1f} epochs, lr "
-            f"{tcfg.lr:g} (warmup {tcfg.warmup_steps} from {tcfg.start_lr:g}, cosine to {tcfg.final_lr:g}), weight "
-            f"decay {tcfg.weight_decay:g} -> {tcfg.final_weight_decay:g}, EMA {tcfg.ema_start:g} -> {tcfg.ema_end:g}, "
-            f"compile {'on' if rt.compile else 'off'}\nmodel {n_params / 1e6:.2f}M trainable params: ViT "
-            f"{m.width}x{m.depth} ({m.heads} heads), patch {m.patch_size} at {m.img_size} px, predictor "
-            f"{m.pred_width}x{m.pred_depth} | {text}"
-            + (f"\nnote: the warmup ({tcfg.warmup_steps} steps) is as long as the run: the lr never reaches its peak"
-               if tcfg.warmup_steps >= tcfg.max_steps else ""))
+    t, m = tcfg, mcfg
+    n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    G = t.batch_size * rt.world * t.grad_accum
+    text = "text_cond none (I-JEPA)" if m.text_cond == "none" else (
+        f"text_cond cross, {m.n_captions} captions x {m.max_words} words, lambda {m.sparse_coef:g} beta "
+        f"{m.consist_coef:g}, sim_mode {m.sim_mode}")
+    lines = [f"{t.dataset}: {len(train_set)} train images, {t.num_workers} loader workers | {rt.world} x "
+             f"{rt.device.type} | batch {t.batch_size} x {rt.world} x {t.grad_accum} accum = {G} | torch "
+             f"{torch.__version__}",
+             f"{t.max_steps} steps = {t.max_steps * G / len(train_set):.1f} epochs, lr {t.lr:g} (warmup "
+             f"{t.warmup_steps} from {t.start_lr:g}, cosine to {t.final_lr:g}), weight decay "
+             f"{t.weight_decay:g} -> {t.final_weight_decay:g}, EMA {t.ema_start:g} -> {t.ema_end:g}, compile "
+             f"{'on' if rt.compile else 'off'}",
+             f"model {n_params / 1e6:.2f}M trainable params: ViT {m.width}x{m.depth} ({m.heads} heads), "
+             f"patch {m.patch_size} at {m.img_size} px, predictor {m.pred_width}x{m.pred_depth} | {text}"]
+    if t.warmup_steps >= t.max_steps:
+        lines.append(f"note: the warmup ({t.warmup_steps} steps) is as long as the run: the lr never peaks")
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    """One run. Returns the exit code (0 finished, EXIT_STOPPED after a signal); raises UserError
-    when the user must act."""
+    """One run. Returns the exit code (0 finished, EXIT_STOPPED after a signal, EXIT_WORKER_DIED);
+    raises UserError when the user must act."""
     tcfg, mcfg = parse_args(argv)
     if tcfg.num_workers < 0:
         tcfg = dataclasses.replace(tcfg, num_workers=auto_workers())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in DataLoader workers
     rt = setup(tcfg)
-
-    # ---- data, checkpoint, tokenizer
     prepare_out_dir(tcfg.out_dir)
+    with out_dir_lock(tcfg.out_dir, rt):  # nothing in out_dir is touched before the lock is held
+        return run(tcfg, mcfg, rt)
+
+
+def run(tcfg, mcfg, rt):
+    """The phases of a run, holding out_dir's lock."""
+    # ---- what is in out_dir: a checkpoint to resume, or a run that a fresh start must not replace
+    out, ckpt_path = tcfg.out_dir, os.path.join(tcfg.out_dir, "ckpt.pt")
+    log_path = os.path.join(out, "log.jsonl")
+    if rt.master:
+        remove_stale_temps(out)
+    resume = tcfg.resume
+    if resume == "auto":
+        if os.path.lexists(ckpt_path) and not os.path.exists(ckpt_path):
+            raise UserError(f"--resume auto: {ckpt_path} is a dangling link; restore it, or give --resume "
+                            f"<checkpoint>")
+        resume = ckpt_path if os.path.exists(ckpt_path) else ""
+        if not resume and run_in(out):
+            raise UserError(f"--resume auto: {out} holds {run_in(out)} but no ckpt.pt: nothing to continue "
+                            f"from; restore ckpt.pt, give another --out_dir, or --overwrite true to start "
+                            f"over")
+    found = run_in(out) if not resume and not tcfg.overwrite else ""
+    if found:
+        raise UserError(f"--out_dir {out} holds a run ({found}): continue it with --resume auto, give "
+                        f"another --out_dir, or add --overwrite true to start over there")
+    if tcfg.eval_only and not resume:
+        raise UserError("--eval_only needs --resume <checkpoint>")
+    ckpt = load_checkpoint(resume) if resume else None
+    trained_on = ckpt["train_config"]["dataset"] if ckpt is not None else tcfg.dataset
+    if trained_on != tcfg.dataset:  # its tokenizer is of that data
+        raise UserError(f"--resume: the checkpoint was trained on --dataset {trained_on}, with its "
+                        f"tokenizer; give --dataset {trained_on}, or start a fresh run")
+
+    # ---- data, tokenizer, model, optimizer (all validated before the log is touched)
     train_set, val_set = datasets(tcfg, mcfg)
     tcfg = resolve_recipe(tcfg, len(train_set), rt.world)
-    resume = os.path.join(tcfg.out_dir, "ckpt.pt") if tcfg.resume == "auto" else tcfg.resume
-    ckpt = load_checkpoint(resume) if resume and (tcfg.resume != "auto" or os.path.exists(resume)) else None
-    if tcfg.eval_only and ckpt is None:
-        raise UserError("--eval_only needs --resume <checkpoint>")
     tokenizer = choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt)
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
     if mcfg.text_cond == "cross":
         data.check_captions(train_set, tokenizer)
     collate = data.Collate(tokenizer, mcfg.n_captions, mcfg.max_words)
-
-    # ---- model, optimizer, resume
     raw_model, opt = build_model(mcfg, tcfg, rt)
-    start_step = restore(raw_model, opt, ckpt, tcfg, mcfg, rt) if ckpt is not None else 0
+    start_step = restore(raw_model, opt, ckpt, tcfg, mcfg, rt, len(train_set)) if ckpt is not None else 0
     model = wrap(raw_model, rt)
     rt.print0(describe(tcfg, mcfg, train_set, raw_model, rt))
     if ckpt is not None:
         rt.print0(f"resumed from {resume} at step {start_step}")
-    log_path, ckpt_path = os.path.join(tcfg.out_dir, "log.jsonl"), os.path.join(tcfg.out_dir, "ckpt.pt")
-    if start_step >= tcfg.max_steps and not tcfg.eval_only:
+
+    # ---- the log. An evaluation that a stop skipped (or a finished run's final results) is done now
+    finished = start_step >= tcfg.max_steps
+    logged = {r["step"]: r for r in read_log(log_path)[0] if "val_true" in r} if ckpt is not None else {}
+    has_init = ckpt is not None and any("init_probes" in r for r in read_log(log_path)[0])
+    due = start_step % tcfg.eval_every == 0 or finished
+    pending = ckpt is not None and due and start_step not in logged and not tcfg.eval_only
+    if finished and not (pending or tcfg.eval_only) and has_init:
         rt.print0(f"{resume} has already finished its {tcfg.max_steps} steps: nothing to train "
                   f"(--eval_only true evaluates it; a larger --max_steps trains on)")
         return 0
     if rt.master and not tcfg.eval_only:  # a fresh log; a resumed one loses what came after ckpt
-        open(log_path, "w").close() if start_step == 0 else trim_log(log_path, start_step)
+        open(log_path, "w").close() if ckpt is None else trim_log(log_path, start_step)
         append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
                                   start_step=start_step, world=rt.world, code=code_version()))
 
     # ---- evaluation data: fixed val batches with fixed masks; the COCO probes' images, read once
     probe_data = None
     if tcfg.dataset == "coco" and rt.master:
-        probe_data = data.coco_probe_data(tcfg.data_dir, train_set, val_set, tcfg.probe_train, tcfg.probe_words,
-                                          mcfg.img_size, mcfg.patch_size)
-    eval_data = dict(train_set=train_set, val_set=val_set, val_batches=make_val_batches(val_set, collate, tcfg, mcfg),
-                    tokenizer=tokenizer, probe_data=probe_data)
-    if tcfg.eval_only:
-        rec = evaluate(raw_model, eval_data, tcfg, rt, start_step, last=True)
+        probe_data = data.coco_probe_data(tcfg.data_dir, train_set, val_set, tcfg.probe_train,
+                                          tcfg.probe_words, mcfg.img_size, mcfg.patch_size)
+    val_batches = make_val_batches(val_set, collate, tcfg, mcfg)
+    eval_data = dict(train_set=train_set, val_set=val_set, val_batches=val_batches, tokenizer=tokenizer,
+                     probe_data=probe_data)
+    final = logged.get(start_step)
+    if tcfg.eval_only or pending:
+        final = evaluate(raw_model, eval_data, tcfg, rt, start_step, last=finished or tcfg.eval_only)
         if rt.master:
-            init = init_probes(mcfg, tcfg, eval_data, rt)
-            for r in (rec, dict(step=0, init_probes=init)):
-                append_log(log_path, r)
-            print(eval_line(rec))
-            print(probe_table(rec, init, tcfg))
-        return 0
+            append_log(log_path, final)
+            print(eval_line(final))
 
-    # ---- the training loop: a step per iteration; at a check point (log, eval or save due, or a stop
-    # signal) the ranks agree on the window's values and finiteness, then log, save, evaluate
-    data_iter = iter(make_loader(train_set, collate, tcfg, rt, start_step))
-    bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout) if rt.master else None
+    # ---- the training loop: a step per iteration; at a check point (log, eval or save due, or a stop)
+    # the ranks agree on the window's values and finiteness, then log, save, evaluate
+    data_iter = iter(make_loader(train_set, collate, tcfg, rt, start_step)) if not finished else None
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout) \
+        if rt.master else None
     say = bar.write if bar else rt.print0  # a line of its own, never onto the progress bar's line
     last_good = f"{resume} (step {start_step})" if ckpt is not None else "none"
-    final, warned, stopping = None, False, False
+    stopping, worker_died, warned = False, None, False
     window, since, t0 = [], start_step, time.time()  # the steps' outputs since the last check point
-    for step in range(start_step, tcfg.max_steps):
-        window.append(train_step(step, model, raw_model, opt, lambda: next(data_iter), tcfg, mcfg, rt))
-        done = step + 1
-        if bar:
+    for step in ([] if tcfg.eval_only else range(start_step, tcfg.max_steps)):
+        try:
+            window.append(train_step(step, model, raw_model, opt, lambda: next(data_iter), tcfg, mcfg, rt))
+        except RuntimeError as e:
+            worker_died = dead_worker(e, rt)
+            opt.zero_grad(set_to_none=True)  # this step did not happen: the weights are those after the last
+        done = since + len(window)
+        if bar and not worker_died:
             bar.update(1)
-        stopping = stop_requested(rt)
+        stopping = stop_requested(rt, local=worker_died is not None)
         log_due = done % tcfg.log_every == 0 or done == tcfg.max_steps
         eval_due = done % tcfg.eval_every == 0 or done == tcfg.max_steps
         save_due = done % tcfg.save_every == 0 or done == tcfg.max_steps
         if not (stopping or log_due or eval_due or save_due):
             continue
-        # ---- a check point: one tensor of the window's values (steps x names), averaged over ranks
-        names = list(window[0]["values"])
-        vals = torch.stack([torch.stack([w["values"][k] for k in names]) for w in window])  # (steps, names)
-        if rt.ddp:
-            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-        finite = (vals[:, 0].isfinite() & vals[:, names.index("grad_norm")].isfinite()).tolist()
-        if not all(finite):  # nothing after a non-finite step is logged or saved
-            bad = since + 1 + finite.index(False)
-            raise UserError(f"loss, gradient or weights not finite at step {bad}: stopped, nothing after step "
-                            f"{bad - 1} was saved. Last good checkpoint: {last_good}. Lower --lr (now "
-                            f"{tcfg.lr:g}) and resume from it with --resume, or start again")
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt, imgs, peak = time.time() - t0, sum(w["n_img"] for w in window), peak_flops(rt)
-        lr, wd, momentum = schedules(step, tcfg)
-        flops = raw_model.flops_per_image(*window[-1]["shapes"]) * imgs / dt / rt.world  # (Nc, Nt) of the last batch
-        rec = dict(step=done, **dict(zip(names, vals.mean(0).tolist())), lr=lr, momentum=momentum, weight_decay=wd,
-                   ms_per_step=1000 * dt / len(window), img_per_s=imgs / dt, mfu=flops / peak if peak else None,
-                   data_wait_ms=1000 * sum(w["data_wait"] for w in window) / len(window))  # ~0: the loader keeps up
-        if not warned and dead_zone(vals[:, names.index("pos_frac")].max().item(), mcfg):
-            rt.print0(dead_zone_warning(mcfg, since, done))
-            warned = True
-        if rt.master:
-            append_log(log_path, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        if window:  # ---- one tensor of the window's values (steps x names), averaged over ranks
+            names = list(window[0]["values"])
+            vals = torch.stack([torch.stack([w["values"][k] for k in names])
+                                for w in window])  # (steps, names)
+            if rt.ddp:
+                dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+            finite = (vals[:, 0].isfinite() & vals[:, names.index("grad_norm")].isfinite()).tolist()
+            if not all(finite):  # nothing after a non-finite step is logged or saved
+                bad = since + 1 + finite.index(False)
+                raise UserError(f"loss, gradient or weights not finite at step {bad}: stopped, nothing after "
+                                f"step {bad - 1} was saved. Last good checkpoint: {last_good}. Lower --lr "
+                                f"(now {tcfg.lr:g}) and resume from it with --resume, or start again")
+            rec = log_record(done, names, vals, window, t0, tcfg, raw_model, rt)
+            if not warned and dead_zone(vals[:, names.index("pos_frac")].max().item(), mcfg):
+                say(dead_zone_warning(mcfg, since, done))
+                warned = True
+            if rt.master:
+                append_log(log_path, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         window, since = [], done
         if save_due or stopping:  # before the evaluation: a signal or a failing probe cannot cost it
             if not all_finite(raw_model.state_dict(), opt.state_dict()):  # the same on every rank
-                raise UserError(f"weights not finite after step {done}: stopped, nothing was saved. Last good "
-                                f"checkpoint: {last_good}. Lower --lr (now {tcfg.lr:g}) and resume from it")
+                raise UserError(f"weights not finite after step {done}: stopped, nothing was saved. Last "
+                                f"good checkpoint: {last_good}. Lower --lr (now {tcfg.lr:g}) and resume "
+                                f"from it")
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, step, tokenizer, rt.world)
+                save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, done - 1, tokenizer, rt.world,
+                                len(train_set))
             if rt.ddp:  # no rank exits (and makes torchrun kill rank 0) before the file is written
                 dist.barrier(group=rt.cpu_group)
             last_good = f"{ckpt_path} (step {done})"
         if stopping:
             break
         if eval_due:
-            final = evaluate(raw_model, eval_data, tcfg, rt, done, last=done == tcfg.max_steps)
+            try:
+                final = evaluate(raw_model, eval_data, tcfg, rt, done, last=done == tcfg.max_steps)
+            except RuntimeError as e:  # a probe loader's worker died: the resumed run does this evaluation
+                worker_died = dead_worker(e, rt)
+                if rt.master and not save_due:
+                    save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, done - 1, tokenizer, rt.world,
+                                    len(train_set))
+                stopping = True
+                break
             if rt.master:
                 append_log(log_path, final)
                 say(eval_line(final))
@@ -820,17 +994,49 @@ def main(argv=None):
     if bar:
         bar.close()
 
-    # ---- the end: the probes at initialization beside the trained ones, and a last line
-    if stopping:
-        rt.print0(f"{rt.stop_signal or 'a signal on another rank'}: saved {ckpt_path} at step {since}; continue "
-                  f"with --resume auto (exit code {EXIT_STOPPED})")
+    # ---- the end: what stopped the run, or the probes at initialization beside the trained ones
+    if stopping and (rt.stop_signal or not worker_died):
+        rt.print0(f"{rt.stop_signal or 'a stop on another rank'}: saved {ckpt_path} at step {since}; "
+                  f"continue with --resume auto (exit code {EXIT_STOPPED})")
         return EXIT_STOPPED
+    if stopping:
+        rt.print0(f"error: {worker_died}; saved {ckpt_path} at step {since}. A DataLoader worker is most "
+                  f"often killed for memory: lower --num_workers (now {tcfg.num_workers}) and continue with "
+                  f"--resume auto (exit code {EXIT_WORKER_DIED})")
+        return EXIT_WORKER_DIED
     if rt.master:
         init = init_probes(mcfg, tcfg, eval_data, rt)
         append_log(log_path, dict(step=0, init_probes=init))
+        if final is None:  # a finished run completed by its resume: its last evaluation is in the log
+            final = {**logged.get(tcfg.max_steps, {})}
         print(probe_table(final, init, tcfg))
         print(f"finished {tcfg.max_steps} steps. checkpoint: {ckpt_path}\nlog: {log_path}")
     return 0
+
+
+def dead_worker(e, rt):
+    """The first line of a RuntimeError that says a DataLoader worker died; any other error is raised
+    again. Under DDP the other ranks wait for this one in the gradient all-reduce: stop them all."""
+    if "DataLoader worker" not in str(e):
+        raise e
+    if rt.ddp:
+        raise UserError(f"{str(e).splitlines()[0]}: under torchrun the other ranks cannot go on; the last "
+                        f"checkpoint is kept: lower --num_workers and continue with --resume auto")
+    return str(e).splitlines()[0]
+
+
+def log_record(done, names, vals, window, t0, tcfg, raw_model, rt):
+    """The log line at step `done` (1-based): the window's mean values and its speed."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt, imgs, peak = time.time() - t0, sum(w["n_img"] for w in window), peak_flops(rt)
+    lr, wd, momentum = schedules(done - 1, tcfg)
+    # FLOPs at the (Nc, Nt) of the last batch; data_wait_ms ~0: the loader keeps up
+    flops = raw_model.flops_per_image(*window[-1]["shapes"]) * imgs / dt / rt.world
+    return dict(step=done, **dict(zip(names, vals.mean(0).tolist())), lr=lr, momentum=momentum,
+                weight_decay=wd, ms_per_step=1000 * dt / len(window), img_per_s=imgs / dt,
+                mfu=flops / peak if peak else None,
+                data_wait_ms=1000 * sum(w["data_wait"] for w in window) / len(window))
 
 
 def eval_line(rec):
@@ -841,11 +1047,12 @@ def eval_line(rec):
 def probe_table(final, init, tcfg):
     """Each probe at initialization beside its trained value ('' without probes)."""
     rows = [f"{k:<18}{x:>12.4f}{final[k]:>10.4f}" for k, x in init.items() if isinstance(x, float)]
-    head = f"\nlinear probes on the frozen target encoder ({tcfg.dataset} val):\n{'probe':<18}{'random init':>12}{'trained':>10}"
+    head = (f"\nlinear probes on the frozen target encoder ({tcfg.dataset} val):\n"
+            f"{'probe':<18}{'random init':>12}{'trained':>10}")
     return "\n".join([head] + rows) if rows else ""
 
 
-def run(argv=None):
+def cli(argv=None):
     """main() with its failures turned into an exit code and one line."""
     try:
         return main(argv)
@@ -862,4 +1069,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli())

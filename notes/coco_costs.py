@@ -143,12 +143,12 @@ def cmd_parse():
         print(f"synthetic {path.name}: {path.stat().st_size / 1e6:.0f} MB, {len(ids)} images")
         idx = torch.linspace(0, len(ids) - 1, 2000).round().long().unique().tolist()  # as data.coco_probe_data
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        names, _, images, n_comp = data.read_instances(path, image_ids=[ids[i] for i in idx])
+        names, _, images, dropped = data.read_instances(path, image_ids=[ids[i] for i in idx])
         wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     # ru_maxrss is the peak of the whole process; writing the file holds little, so this is the parse's
     print(f"read_instances: {wall:.1f} s wall ({r1.ru_utime - r0.ru_utime:.1f} s user, "
           f"{r1.ru_stime - r0.ru_stime:.1f} s system), {len(names)} categories, {len(images)} images, "
-          f"{sum(len(r['anns']) for r in images.values())} annotations kept, {n_comp} compressed; "
+          f"{sum(len(r['anns']) for r in images.values())} annotations kept, {dropped.get('compressed crowd mask', 0)} compressed; "
           f"peak RSS {r1.ru_maxrss / 1e6:.2f} GB")
 
 

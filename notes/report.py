@@ -7,6 +7,7 @@ Tables and curves of notes/experiments.md from the logs that notes/run_experimen
   python notes/report.py --dead      # only the dead-zone test of notes/experiments.md §8 (+ <run>.dead.json
                                      # from python notes/dead_zone.py runs/<run>/ckpt.pt)
   python notes/report.py --sim       # only the remedies of notes/experiments.md §9, their verdict, notes/sim_curves.png
+  python notes/report.py --power     # §7's paired interval, and how often its rule A passes a true +0.02 effect
 
 The committed logs are those of sections 7-9; the tables of sections 1-6 need a rerun (their logs were
 not kept, and some §8 runs share their names with §1 runs made under an earlier init), so plain
@@ -369,8 +370,8 @@ def sim(runs):
                 out.append(f"| {label} | {s} | " + " | ".join("-" for _ in cols) + " | not finished |")
                 continue
             f = m["final"]
-            vals = dict(m, **{k: f.get(k, float("nan")) for k in cols if k not in m},
-                        attn_entropy_end=window(m["train"], 1425, 1500, "attn_entropy"))
+            vals = {**{k: f.get(k, float("nan")) for k in cols}, **m,
+                    "attn_entropy_end": window(m["train"], 1425, 1500, "attn_entropy")}
             ref = got["sim_zero"][s]
             conds = sim_conditions(m, ref) if ref else None
             verdicts.setdefault(p, []).append(conds)
@@ -435,6 +436,29 @@ def sim_figure(got):
     print("wrote notes/sim_curves.png")
 
 
+def power(runs, n_draws=200_000):
+    """§7: the paired difference complement - I-JEPA with its 95% t interval, and a Monte Carlo of how
+    often rule A would pass if the true paired difference were +0.02 with the measured spread."""
+    import math
+    import random
+    g = lambda name: (lambda f, i: f["dense_shape_obj"] - i["dense_shape_obj"])(load(runs, name)[1][-1],  # noqa: E731
+                                                                                load(runs, name)[2])
+    d = [g(f"mech_comp_s{s}") - g(f"mech_ijepa_s{s}") for s in range(3)]
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, df 2)
+    print(f"paired complement - I-JEPA: {', '.join(f'{x:+.4f}' for x in d)}; mean {m:+.4f}, sd {sd:.4f}, "
+          f"95% interval [{m - half:+.3f}, {m + half:+.3f}], t {m / (sd / math.sqrt(3)):.2f}")
+    rng, part, whole = random.Random(0), 0, 0
+    for _ in range(n_draws):
+        x = [rng.gauss(0.02, sd) for _ in range(3)]
+        y = [rng.gauss(0.02, sd) for _ in range(2)]  # complement - shuffled: assumed the same mean and spread
+        ok = statistics.mean(x) >= 0.02 and all(v > 0 for v in x)
+        part += ok
+        whole += ok and all(v >= 0.02 for v in y)
+    print(f"a true +0.02 (sd {sd:.3f}) passes the I-JEPA part of rule A {part / n_draws:.1%} of the time, "
+          f"the whole rule {whole / n_draws:.1%} ({n_draws} draws, seed 0)")
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     where = args[0] if args else os.path.join(HERE, "runs")
@@ -444,6 +468,8 @@ if __name__ == "__main__":
         dead(where)
     elif "--sim" in sys.argv:
         sim(where)
+    elif "--power" in sys.argv:
+        power(where)
     elif not args:  # the committed logs: sections 7-9 only
         print("sections 1-6: their logs were not kept; rerun them (bash notes/run_experiments.sh) and use "
               "python notes/report.py runs\n\n## section 7\n")
