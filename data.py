@@ -28,8 +28,10 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,11 +331,83 @@ def _open_rgb(path):
 
 
 
-class CocoCaptions(torch.utils.data.Dataset):
+class Strings:
+    """A list of strings packed into one bytes buffer and a tensor of offsets. DataLoader workers
+    (forked) read it without copying it: a Python list of a million str objects is copied into
+    every worker page by page as the workers touch the objects' reference counts (notes/perf.md)."""
+
+    def __init__(self, items):
+        encoded = [x.encode("utf-8") for x in items]
+        self.buf = b"".join(encoded)
+        self.offsets = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.buf[int(self.offsets[i]):int(self.offsets[i + 1])].decode("utf-8")
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Image files, each with its captions, under I-JEPA's crop augmentation: what CocoCaptions and
+    CaptionsDataset share. files (paths) and captions (one string per image, its captions joined by
+    line breaks) are packed (Strings); ids name the images. An unreadable image yields None, which
+    Collate drops."""
+
+    def __init__(self, files, captions, ids, img_size):
+        self.files, self._captions, self.ids = Strings(files), Strings(captions), ids
+        self.img_size, self.n_unreadable = img_size, 0  # n_unreadable counts in this process only
+
+    def __len__(self):
+        return len(self.files)
+
+    def captions_of(self, index):
+        return self._captions[index].split("\n")
+
+    @property
+    def captions(self):  # captions[i] -> the list of image i's captions
+        return _Indexed(self.captions_of, len(self))
+
+    def captions_for_tokenizer(self):
+        for i in range(len(self)):
+            yield from self.captions_of(i)
+
+    def __getitem__(self, key):
+        index, seed = _split_key(key)
+        img = _open_rgb(self.files[index])
+        if img is None:
+            self.n_unreadable += 1
+            return None
+        # I-JEPA augmentation: RandomResizedCrop(scale=(0.3, 1)), no flip (as I-JEPA's default, and a
+        # flip would also contradict "left"/"right" in captions), no color jitter
+        i, j, h, w = _crop_params(img.width, img.height, random.Random(seed))
+        img = TF.resized_crop(img, i, j, h, w, [self.img_size, self.img_size], antialias=True)
+        image = _normalize(TF.to_tensor(img)[None])[0]  # (3, img_size, img_size)
+        return dict(image=image, captions=self.captions_of(index), seed=seed)
+
+    def eval_image(self, index):
+        """The fixed evaluation view of image `index` (short side resized, centre crop), or None."""
+        img = _open_rgb(self.files[index])
+        if img is None:
+            return None
+        return _normalize(TF.to_tensor(eval_crop(img, self.img_size, TF.InterpolationMode.BILINEAR))[None])[0]
+
+
+class _Indexed:
+    def __init__(self, get, n):
+        self.get, self.n = get, n
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+    def __len__(self):
+        return self.n
+
+
+class CocoCaptions(CaptionedImages):
     """COCO 2017 captions from the official layout: <data_dir>/{train,val}2017/*.jpg and
     <data_dir>/annotations/captions_{train,val}2017.json. Images without captions or missing from
-    disk are left out (and counted); an unreadable image yields None, which Collate drops.
-    """
+    disk are left out (and counted)."""
 
     def __init__(self, data_dir="data/coco", split="train", img_size=224):
         if split not in ("train", "val"):
@@ -353,7 +427,7 @@ class CocoCaptions(torch.utils.data.Dataset):
         for a in annotations:
             caps[a["image_id"]].append(clean_caption(a["caption"]))
         on_disk = {e.name for e in os.scandir(img_dir)}  # one directory scan, not one stat per image
-        self.files, self.captions, self.ids = [], [], []
+        files, captions, ids = [], [], []
         no_caps = missing = 0
         for im in sorted(images, key=lambda im: im["id"]):
             if not caps.get(im["id"]):
@@ -361,44 +435,168 @@ class CocoCaptions(torch.utils.data.Dataset):
             elif im["file_name"] not in on_disk:
                 missing += 1
             else:
-                self.files.append(str(img_dir / im["file_name"]))
-                self.captions.append(caps[im["id"]])
-                self.ids.append(im["id"])
-        if not self.files:
+                files.append(str(img_dir / im["file_name"]))
+                captions.append("\n".join(caps[im["id"]]))
+                ids.append(im["id"])
+        if not files:
             raise UserError(f"no usable COCO images: none of the {len(images)} images in {ann} is both "
                             f"captioned and present in {img_dir}. {fix}")
-        print(f"coco {split}: {len(self.files)} images, {sum(map(len, self.captions))} captions; "
+        print(f"coco {split}: {len(files)} images, {sum(c.count(chr(10)) + 1 for c in captions)} captions; "
               f"left out: {no_caps} without captions, {missing} missing files")
-        self.img_size, self.n_unreadable = img_size, 0  # n_unreadable counts in this process only
+        super().__init__(files, captions, ids, img_size)
 
-    def __len__(self):
-        return len(self.files)
 
-    def __getitem__(self, key):
-        index, seed = _split_key(key)
-        img = _open_rgb(self.files[index])
-        if img is None:
-            self.n_unreadable += 1
-            return None
-        # I-JEPA augmentation: RandomResizedCrop(scale=(0.3, 1)), no flip (as I-JEPA's default, and a
-        # flip would also contradict "left"/"right" in captions), no color jitter
-        i, j, h, w = _crop_params(img.width, img.height, random.Random(seed))
-        img = TF.resized_crop(img, i, j, h, w, [self.img_size, self.img_size], antialias=True)
-        image = _normalize(TF.to_tensor(img)[None])[0]  # (3, img_size, img_size)
-        return dict(image=image, captions=self.captions[index], seed=seed)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VAL_PERCENT = 1  # without a val manifest, the images whose path hashes (crc32) to 0..VAL_PERCENT-1 of 100 are val
 
-    def captions_of(self, index):
-        return self.captions[index]
 
-    def captions_for_tokenizer(self):
-        for caps in self.captions:
-            yield from caps
+def split_sentences(text):
+    """A description -> its sentences, each a caption (the paper: every sentence of a ShareGPT4V
+    description is one caption). Cut after '.', '!' or '?' followed by white space, and at line
+    breaks; an abbreviation ("e.g. a cat") can cut a sentence early. Empty pieces are dropped."""
+    out = []
+    for line in text.splitlines():
+        out += [clean_caption(p) for p in re.split(r"(?<=[.!?])\s+", line)]
+    return [p for p in out if p]
+
+
+def _captions_of_entry(value):
+    """A manifest's captions field (a list of strings, or one string) -> its sentences, or None when
+    an item is not a string."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        return None
+    return [s for c in items for s in split_sentences(c)]
+
+
+def read_captions_manifest(root):
+    """The images and captions under root, from the first format found:
+      root/train.jsonl (and root/val.jsonl): one line per image, {"image": "rel/path.jpg", "captions": [...]}
+      root/*.json: ShareGPT4V, a list of {"image": ..., "conversations": [..., {"from": "gpt", "value": ...}]}
+      img2dataset's "files" output: root/00000/000000123.jpg beside 000000123.txt, one caption per line
+    -> (format, {"train": entries, "val": entries or None}, bad: {kind: count}); entries are
+    (relative path, its captions split into sentences and joined by line breaks: one string an image,
+    which keeps a million images' index small)."""
+    root, bad = Path(root), Counter()
+
+    def entry(image, caps):
+        if not isinstance(image, str) or not image:
+            bad["no image path"] += 1
+        elif caps is None:
+            bad["caption not a string"] += 1
+        elif not caps:
+            bad["no caption"] += 1
+        else:
+            return image, "\n".join(caps)
+        return None
+
+    if (root / "train.jsonl").is_file():
+        out = {}
+        for split in ("train", "val"):
+            path = root / f"{split}.jsonl"
+            if not path.is_file():
+                out[split] = None
+                continue
+            out[split] = []
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        bad["not a JSON line"] += 1
+                        continue
+                    e = entry(r.get("image"), _captions_of_entry(r.get("captions"))) if isinstance(r, dict) else None
+                    bad["not a JSON object"] += not isinstance(r, dict)
+                    if e:
+                        out[split].append(e)
+        return "jsonl", out, bad
+    for path in sorted(root.glob("*.json")):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except (json.JSONDecodeError, OSError):
+            continue
+        if not (isinstance(items, list) and items and isinstance(items[0], dict) and "conversations" in items[0]):
+            continue
+        entries = []
+        for r in items:
+            turns = r.get("conversations") if isinstance(r, dict) else None
+            said = [t.get("value") for t in turns or [] if isinstance(t, dict) and t.get("from") == "gpt"]
+            e = entry(r.get("image") if isinstance(r, dict) else None, _captions_of_entry(said))
+            if e:
+                entries.append(e)
+        return f"sharegpt4v {path.name}", {"train": entries, "val": None}, bad
+    entries = []
+    for dirpath, _, names in sorted(os.walk(root)):
+        stems = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(IMAGE_EXTS)}
+        for n in sorted(names):
+            stem, ext = os.path.splitext(n)
+            if ext != ".txt" or stem not in stems:
+                continue
+            try:
+                text = Path(dirpath, n).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                bad["unreadable caption file"] += 1
+                continue
+            e = entry(os.path.relpath(os.path.join(dirpath, stems[stem]), root), split_sentences(text))
+            if e:
+                entries.append(e)
+    return "img2dataset files", {"train": entries, "val": None}, bad
+
+
+class CaptionsDataset(CaptionedImages):
+    """Any captioned images: a folder and a manifest in one of read_captions_manifest's formats.
+    Captions are split into sentences; Collate samples n_captions of an image's sentences per step,
+    seeded (exact resume). Entries with a missing image, no caption or a caption that is not a string
+    are counted and left out in one line; an unreadable image file is found when it is first read
+    (skipped, as for COCO). Without a val manifest, VAL_PERCENT% of the images, chosen by a hash of
+    their path (the same on every run, whatever the order), are the val split.
+
+    CaptionsDataset.splits(root, img_size) -> (train, val): the manifest is read once."""
+
+    def __init__(self, root, entries, split, img_size):
+        super().__init__([str(Path(root) / p) for p, _ in entries], [c for _, c in entries],
+                         [p for p, _ in entries], img_size)
+        self.split = split
+
+    @classmethod
+    def splits(cls, root, img_size=224):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"--data_dir {root} is not a folder: give the folder of your images and their manifest "
+                            f"(README: Your own captioned images)")
+        t0 = time.time()
+        fmt, found, bad = read_captions_manifest(root)
+        out = {}
+        for split in ("train", "val"):
+            entries = found[split] or []
+            present = [e for e in entries if os.path.isfile(root / e[0])]
+            bad[f"missing image ({split})"] += len(entries) - len(present)
+            out[split] = present
+        if found["val"] is None:  # a fixed rule: the images whose path hashes into the first VAL_PERCENT of 100
+            hashed = [zlib.crc32(p.encode("utf-8")) % 100 for p, _ in out["train"]]
+            is_val = [h < VAL_PERCENT for h in hashed]
+            if not any(is_val) and len(is_val) > 1:  # a tiny set: its lowest hash is the val image
+                is_val[min(range(len(hashed)), key=hashed.__getitem__)] = True
+            out["val"] = [e for e, v in zip(out["train"], is_val) if v]
+            out["train"] = [e for e, v in zip(out["train"], is_val) if not v]
+        left_out = ", ".join(f"{n} {k}" for k, n in sorted(bad.items()) if n) or "nothing"
+        if not out["train"] or not out["val"]:
+            raise UserError(f"no usable {'train' if not out['train'] else 'val'} image in {root} ({fmt}; left out: "
+                            f"{left_out}): an entry needs an image file that exists and at least one caption "
+                            f"(README: Your own captioned images)")
+        n_caps = sum(c.count("\n") + 1 for _, c in out["train"])
+        print(f"captions ({fmt}): {len(out['train'])} train / {len(out['val'])} val images, {n_caps} train "
+              f"captions ({n_caps / len(out['train']):.1f} per image); left out: {left_out}; read in "
+              f"{time.time() - t0:.1f} s")
+        return cls(root, out["train"], "train", img_size), cls(root, out["val"], "val", img_size)
 
 
 def clean_caption(text):
     """A caption as the tokenizer can take it: what is not valid Unicode (a lone surrogate from a JSON
-    escape such as \\ud800) becomes '?', and outer spaces go."""
-    return text.encode("utf-8", "replace").decode("utf-8").strip()
+    escape such as \\ud800) becomes '?', line breaks become spaces, and outer spaces go."""
+    return " ".join(text.encode("utf-8", "replace").decode("utf-8").split())
 
 
 def _read_coco_json(ann):
@@ -1115,6 +1313,35 @@ def coco_probes(encode, pd, n_val, num_workers=0, worker_init_fn=None):
     (Xtr, Ptr, Wtr), (Xva, Pva, Wva) = ([torch.cat(x) for x in zip(*pooled[k])] for k in ("train", "val"))
     return dict(coco_cls_map=average_precision(ridge_fit(Xtr, Ptr)(Xva), Pva), coco_dense_miou=conf.miou(),
                 coco_words_map=average_precision(ridge_fit(Xtr, Wtr)(Xva), Wva), rankme=rankme(Xva))
+
+
+# ----------------------------------------------------------------------------- your own captions
+
+
+class _EvalView(torch.utils.data.Dataset):
+    def __init__(self, ds, n):
+        self.ds, self.n = ds, min(n, len(ds))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.ds.eval_image(i)
+
+
+def _stack_readable(items):
+    items = [x for x in items if x is not None]
+    return torch.stack(items) if items else None
+
+
+@torch.no_grad()
+def captions_probes(encode, val_set, n, num_workers=0, worker_init_fn=None, batch_size=64):
+    """Captioned images come without labels: RankMe of the average-pooled features of the first n val
+    images under the evaluation view (a label-free collapse monitor)."""
+    loader = torch.utils.data.DataLoader(_EvalView(val_set, n), batch_size=batch_size, collate_fn=_stack_readable,
+                                         num_workers=num_workers, worker_init_fn=worker_init_fn)
+    pooled = [encode(x).float().mean(1).cpu() for x in loader if x is not None]
+    return dict(rankme=rankme(torch.cat(pooled))) if pooled else {}
 
 
 # =============================================================================

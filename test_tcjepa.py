@@ -1782,10 +1782,12 @@ def test_first_log_record_is_the_effective_config(tmp_path):
 def test_help_shows_the_defaults_each_preset_uses():
     help_text = " ".join(subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True,
                                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split())
-    assert "lambda, weight of the sparsity loss (paper: 0.1); default 0.0 (vit_b16, coco: 0.1)" in help_text
-    assert "lr_per_256 > 0 replaces it; default 0.002 (coco: from lr_per_256)" in help_text
-    assert "optimizer steps; epochs > 0 replaces it; default 1000 (shapes_long: 4000; coco: from epochs)" in help_text
-    assert "EMA momentum at the last step (I-JEPA 1.0); default 0.99 (coco: 1.0)" in help_text
+    assert "lambda, weight of the sparsity loss (paper: 0.1); default 0.0 (vit_b16, coco, captions: 0.1)" in help_text
+    assert "lr_per_256 > 0 replaces it; default 0.002 (coco, captions: from lr_per_256)" in help_text
+    assert ("optimizer steps; epochs > 0 replaces it; default 1000 (shapes_long: 4000; coco, captions: from epochs)"
+            in help_text)
+    assert "EMA momentum at the last step (I-JEPA 1.0); default 0.99 (coco, captions: 1.0)" in help_text
+    assert "captions per image (COCO has 5; the paper uses 8); default 5 (captions: 8)" in help_text
     for preset in train.PRESETS:  # and what each preset really sets is what parse_args gives
         t, m = train.parse_args(["--preset", preset])
         for k, v in {**train.PRESETS[preset][0], **train.PRESETS[preset][1]}.items():
@@ -2484,3 +2486,184 @@ def test_checkpoints_of_another_version_and_of_another_world(tmp_path):
     assert train.main([*TINY, "--out_dir", str(d), "--resume", str(d / "two.pt"), "--eval_only", "true"]) == 0
     out = run_train(*TINY, "--max_steps", "3", "--shapes_size", "48", "--out_dir", str(d), "--resume", "auto")
     assert "the training set has 48 images, the checkpoint's run had 64" in out.stdout
+
+
+# -----------------------------------------------------------------------------
+# your own captioned images (--dataset captions), the export for timm, the plot of a log
+
+
+def _img(path, size=(40, 30), color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def write_jsonl_captions(root, n=12):
+    """root/train.jsonl over n good images (each with a two-sentence description), plus one entry of
+    each bad kind; root/val.jsonl with 2 images."""
+    lines = []
+    for i in range(n):
+        _img(root / "imgs" / f"{i}.jpg", color=(20 * i % 256, 100, 50))
+        lines.append(dict(image=f"imgs/{i}.jpg", captions=[f"A red box number {i}. It sits on grass!", "a box"]))
+    _img(root / "imgs" / "bad_caption.jpg")
+    (root / "imgs" / "corrupt.jpg").write_bytes(b"not an image")
+    lines += [dict(image="imgs/missing.jpg", captions=["gone"]),  # missing image
+              dict(image="imgs/0.jpg", captions=[]),  # no caption
+              dict(image="imgs/bad_caption.jpg", captions=["ok", 3]),  # a caption that is not a string
+              dict(captions=["no image field"]),
+              dict(image="imgs/corrupt.jpg", captions=["a corrupt file is found when read"])]
+    text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n"
+    (root / "train.jsonl").write_text(text)
+    for i in range(2):
+        _img(root / "val" / f"{i}.jpg")
+    (root / "val.jsonl").write_text("\n".join(json.dumps(dict(image=f"val/{i}.jpg", captions="A val box. Red."))
+                                              for i in range(2)))
+    return root
+
+
+def test_sentences_are_captions():
+    assert data.split_sentences("A dog runs. It is brown!  Is it?\nyes\n\n  Line two.  ") == \
+        ["A dog runs.", "It is brown!", "Is it?", "yes", "Line two."]
+    assert data.split_sentences("  ") == [] and data.split_sentences("no stop at the end") == ["no stop at the end"]
+
+
+def test_captions_manifest_formats_and_bad_entries(tmp_path, capsys):
+    root = write_jsonl_captions(tmp_path / "j")
+    train, val = data.CaptionsDataset.splits(root, img_size=32)
+    line = capsys.readouterr().out
+    assert "captions (jsonl): 13 train / 2 val images" in line  # 12 good + the corrupt one (found when read)
+    for kind in ("1 missing image (train)", "1 no caption", "1 caption not a string", "1 no image path",
+                 "1 not a JSON line"):
+        assert kind in line, (kind, line)
+    assert train.captions_of(0) == ["A red box number 0.", "It sits on grass!", "a box"]  # sentences
+    assert val.captions_of(1) == ["A val box.", "Red."]
+    item = train[(0, 7)]
+    assert item["image"].shape == (3, 32, 32) and item["seed"] == 7
+    bad = [i for i in range(len(train)) if train.files[i].endswith("corrupt.jpg")][0]
+    assert train[(bad, 0)] is None and train.n_unreadable == 1
+    # img2dataset's files layout: 00000/000000123.jpg beside 000000123.txt, one caption per line
+    f = tmp_path / "f"
+    for i in range(30):
+        _img(f / f"{i // 10:05d}" / f"{i:09d}.jpg")
+        (f / f"{i // 10:05d}" / f"{i:09d}.txt").write_text(f"a picture {i}\nsecond line. And more.\n")
+    (f / "00000" / "orphan.txt").write_text("no image beside me")
+    (f / "00000" / "000000099.jpg").parent.mkdir(exist_ok=True)
+    _img(f / "00001" / "emptycap.jpg")
+    (f / "00001" / "emptycap.txt").write_text("  \n")
+    train, val = data.CaptionsDataset.splits(f, img_size=32)
+    line = capsys.readouterr().out
+    assert "img2dataset files" in line and len(train) + len(val) == 30 and "1 no caption" in line, line
+    assert train.captions_of(0)[1:] == ["second line.", "And more."]
+    # the held-out rule: a hash of the path, the same on every run and in any order
+    again = data.CaptionsDataset.splits(f, img_size=32)[1]
+    assert [val.files[i] for i in range(len(val))] == [again.files[i] for i in range(len(again))]
+    # ShareGPT4V: a list of {"image", "conversations": [..., {"from": "gpt", "value": description}]}
+    s = tmp_path / "s"
+    items = []
+    for i in range(4):
+        _img(s / "sam" / f"{i}.jpg")
+        items.append(dict(id=i, image=f"sam/{i}.jpg", conversations=[
+            dict(value="<image>\nDescribe the image in detail."),
+            {"from": "gpt", "value": "The image shows a red box. The box is on grass. It is sunny."}]))
+    items.append(dict(id=9, image="sam/none.jpg", conversations=[{"from": "gpt", "value": "Missing."}]))
+    (s / "share-captioner.json").write_text(json.dumps(items))
+    train, val = data.CaptionsDataset.splits(s, img_size=32)
+    line = capsys.readouterr().out
+    assert "(sharegpt4v share-captioner.json): 3 train / 1 val images" in line and "1 missing image" in line, line
+    assert train.captions_of(0) == ["The image shows a red box.", "The box is on grass.", "It is sunny."]
+    # nothing usable: one line
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "train.jsonl").write_text(json.dumps(dict(image="x.jpg", captions=["a"])) + "\n")
+    with pytest.raises(data.UserError, match="no usable train image"):
+        data.CaptionsDataset.splits(tmp_path / "e")
+
+
+def test_n_of_m_captions_are_sampled_per_step_and_seeded(tmp_path):
+    """Collate draws n_captions of an image's sentences per step, from the item's seed (which the step
+    sampler derives from (seed, step, rank)): the same seed, the same captions (exact resume); another
+    seed, another subset."""
+    item = dict(image=torch.zeros(3, 8, 8), captions=[f"sentence {k}" for k in range(11)])
+    tok = train_tokenizer(item["captions"], 64)
+    col = Collate(tok, n_captions=4, max_words=4)
+    picks = [tuple(col([dict(item, seed=s)])["captions"][0]) for s in range(200)]
+    assert all(len(set(p)) == 4 and set(p) <= set(item["captions"]) for p in picks)
+    assert picks[:50] == [tuple(col([dict(item, seed=s)])["captions"][0]) for s in range(50)]  # seeded
+    counts = Counter(c for p in picks for c in p)
+    assert len(counts) == 11 and min(counts.values()) > 40  # every sentence drawn, about 200 * 4 / 11 each
+    few = dict(item, captions=["only one"], seed=3)
+    b = col([few])
+    assert b["captions"][0] == ["only one"] and b["word_mask"][0].any(-1).tolist() == [True, False, False, False]
+
+
+def test_train_on_own_captions_end_to_end_and_resume_exactly(tmp_path):
+    root = write_jsonl_captions(tmp_path / "j")
+    args = [*TINY, "--dataset", "captions", "--data_dir", str(root), "--img_size", "32", "--patch_size", "8",
+            "--batch_size", "2", "--max_steps", "6", "--eval_every", "3", "--n_captions", "3", "--num_workers", "0"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = run_train(*args, "--out_dir", str(tmp_path / "full"))
+    assert "captions (jsonl)" in out.stdout and "rankme" in out.stdout
+    evals = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl") if "val_true" in x]
+    assert [e["step"] for e in evals] == [3, 6] and all(e["rankme"] >= 1 for e in evals)
+    first = json.loads(open(tmp_path / "full" / "log.jsonl").readline())
+    assert first["config"]["model"]["n_captions"] == 3 and first["config"]["train"]["dataset"] == "captions"
+    d = tmp_path / "stopped"
+    p = subprocess.run([sys.executable, signal_after_step_script(tmp_path, 2), *args, "--out_dir", str(d)],
+                       capture_output=True, text=True, env=ENV, cwd=here, start_new_session=True)
+    assert p.returncode == train.EXIT_STOPPED, p.stderr[-2000:]
+    run_train(*args, "--out_dir", str(d), "--resume", "auto")
+    a, b = train_log(tmp_path / "full"), train_log(d)
+    assert sorted(b) == list(range(1, 7))
+    for s in range(1, 7):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), s
+
+
+def test_captions_preset_follows_the_paper():
+    t, m = train.parse_args(["--dataset", "captions"])
+    assert (t.epochs, t.warmup_epochs, t.lr_per_256, t.ema_start, t.ema_end) == (50, 10, 1.25e-4, 0.996, 1.0)
+    assert (m.n_captions, m.width, m.depth, m.heads, m.patch_size, m.img_size) == (8, 768, 12, 12, 16, 224)
+    assert (m.sparse_coef, m.consist_coef) == (0.1, 0.5)
+    eight = train.resolve_recipe(t, 1_281_167, 8)  # ImageNet-1k on 8 GPUs
+    assert eight.lr == pytest.approx(1.25e-4 * 1024 / 256) and eight.max_steps == math.ceil(50 * 1_281_167 / 1024)
+
+
+def test_export_loads_into_timm_and_computes_what_encode_does(tmp_path):
+    """timm is a test dependency (requirements.txt says why): the exported target encoder, loaded into
+    timm's VisionTransformer with the printed arguments, gives TCJEPA.encode's features; with a wrong
+    head count the same file loads and computes something else (why the printed lines name it)."""
+    import timm
+    d = tmp_path / "r"
+    train.main([*TINY, "--depth", "2", "--max_steps", "2", "--out_dir", str(d)])
+    ckpt = torch.load(d / "ckpt.pt", weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    for k, v in ckpt["model"].items():  # weights far from the init's, target unlike encoder: a sharp test
+        if k.startswith("target."):
+            v.add_(torch.randn(v.shape, generator=g) * (0.5 if "qkv" in k else 0.1))
+    torch.save(ckpt, d / "ckpt.pt")
+    out = run_train(*TINY, "--depth", "2", "--resume", str(d / "ckpt.pt"), "--export", str(tmp_path / "enc.pt"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("model = timm"))
+    assert "num_heads=2" in line and "class_token=False" in line and 'global_pool="avg"' in line
+    kw = eval("dict(" + line.split("VisionTransformer(", 1)[1].rsplit(")", 1)[0] + ")")
+    vit = timm.models.vision_transformer.VisionTransformer(**kw).eval()
+    res = vit.load_state_dict(torch.load(tmp_path / "enc.pt"))
+    assert not res.missing_keys and not res.unexpected_keys
+    model = TCJEPA(TCJEPAConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        x = torch.randn(3, 3, 64, 64)
+        torch.testing.assert_close(vit.forward_features(x), model.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit(x), model.encode(x).mean(1), atol=1e-5, rtol=1e-5)
+        assert (vit.forward_features(x) - model.encoder(x)).abs().max() > 1e-2  # the TARGET encoder, not the context one
+        wrong = timm.models.vision_transformer.VisionTransformer(**{**kw, "num_heads": 1}).eval()
+        wrong.load_state_dict(torch.load(tmp_path / "enc.pt"))  # loads silently ...
+        assert (wrong.forward_features(x) - model.encode(x)).abs().max() > 1e-2  # ... and computes something else
+
+
+def test_plot_reads_a_log_as_report_does(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes"))
+    import plot
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"config": {}}\n{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 2, "loss": 0.3}\n'
+                   '{"step": 2, "val_true": 0.1, "rankme": null}\nnull\n{"step": "x"}\n{"step": 0, "init_probes": '
+                   '{"rankme": 2.0}}\n{"step": 3, "lo')
+    tr, ev, init = plot.read(str(log))
+    assert [r["loss"] for r in tr] == [0.5, 0.3] and [e["step"] for e in ev] == [2] and init == {"rankme": 2.0}
+    assert plot.series(ev, "rankme") == ([], [])

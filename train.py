@@ -51,8 +51,9 @@ from tcjepa import TCJEPA, TCJEPAConfig, sample_masks
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shapes"  # "shapes" (built-in, no download) or "coco" (COCO 2017 captions)
-    data_dir: str = "data/coco"  # COCO root with train2017/, val2017/, annotations/
+    # "shapes" (built-in, no download), "coco" (COCO 2017 captions) or "captions" (your own: README)
+    dataset: str = "shapes"
+    data_dir: str = "data/coco"  # coco: the root of train2017/, val2017/, annotations/; captions: images + manifest
     shapes_size: int = 20000  # number of training images of the built-in dataset
     shapes_layout: str = "grid3"  # "grid3" (1-4 objects, 3x3 grid) or "pairs" (2 shapes, one colour, 2x2)
     # shapes: "mixed" (grid3); "complement" or "substitute" (pairs; notes/experiments.md §7)
@@ -92,12 +93,13 @@ class TrainConfig:
     probe_val: int = 1000
     probe_words: int = 100  # COCO: the caption-word probe's K most frequent words (stop words left out)
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
+    export: str = ""  # with --resume: write its target encoder for timm's VisionTransformer to this file, then exit
     # controls and ablations
     shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
 
 # flags that take one of a few words (a typo must stop the run, not quietly select a default)
-CHOICES = dict(dataset=("shapes", "coco"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
+CHOICES = dict(dataset=("shapes", "coco", "captions"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
                shapes_layout=data.LAYOUTS, shapes_captions=data.CAPTION_MODES, **tcjepa.CHOICES)
 # numbers: an int must be >= 1 and a float >= 0 and finite, a range (two numbers) within [0, 1], except
 # these (lowest, highest or None). Checked before anything is built, so no bad value fails deep in torch.
@@ -115,11 +117,15 @@ VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items()
 COCO_TRAIN = dict(dataset="coco", lr_per_256=1.25e-4, start_lr_per_256=2.5e-5, epochs=100, warmup_epochs=15,
                   ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1, log_every=50, eval_every=5000,
                   save_every=1000)
+# the paper's image-text recipe (notes/paper.md §2.3, App. C.2): N = 8 caption sentences, 50 epochs, warmup 10
+CAPTIONS_TRAIN = dict(COCO_TRAIN, dataset="captions", data_dir="data/captions", epochs=50, warmup_epochs=10)
+CAPTIONS_MODEL = dict(VIT_B16, n_captions=8, max_words=32)
 PRESETS = {
     "shapes": ({}, SHAPES_MODEL),  # the default for --dataset shapes
     "shapes_long": (dict(max_steps=4000, eval_every=500), SHAPES_MODEL),  # see notes/experiments.md §1
     "vit_b16": ({}, VIT_B16),  # the paper's ViT-B/16 at 224 px, on any data
     "coco": (COCO_TRAIN, VIT_B16),  # the default for --dataset coco: ViT-B/16 and I-JEPA's recipe
+    "captions": (CAPTIONS_TRAIN, CAPTIONS_MODEL),  # the default for --dataset captions: the paper's setting
 }
 # a field given as a flag wins over the preset's rule that would replace it
 REPLACED_BY = dict(max_steps="epochs", warmup_steps="warmup_epochs", lr="lr_per_256",
@@ -234,7 +240,7 @@ def parse_args(argv=None):
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="fills the fields no flag gives: shapes (default), shapes_long, vit_b16, coco "
-                        "(default for --dataset coco)")
+                        "(default for --dataset coco), captions (default for --dataset captions)")
     configs = {name: apply_preset(name, {}) for name in PRESETS}  # for the help text: each preset's defaults
     for title, cls in (("training (TrainConfig)", TrainConfig),
                        ("model (TCJEPAConfig, tcjepa.py)", TCJEPAConfig)):
@@ -249,7 +255,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
              if v is not None and k != "preset"}
-    preset = args.preset or ("coco" if given.get("dataset") == "coco" else "shapes")
+    preset = args.preset or {"coco": "coco", "captions": "captions"}.get(given.get("dataset"), "shapes")
     tcfg, mcfg = apply_preset(preset, given)
     problem = config_error(tcfg, mcfg)
     if problem:
@@ -524,6 +530,32 @@ def trim_log(path, step):
     os.replace(tmp, path)
 
 
+def export_for_timm(ckpt, path):
+    """The checkpoint's TARGET encoder (what the paper evaluates) as a state dict for timm's
+    VisionTransformer with no class token and average pooling (the layout of timm's I-JEPA weights):
+    the same block names, the patch embedding under patch_embed.proj, and the fixed sin-cos table as
+    pos_embed (a parameter in timm, loaded like the weights). Returns the lines that load it."""
+    m = TCJEPAConfig(**ckpt["model_config"])
+    model = TCJEPA(m)
+    model.load_state_dict(ckpt["model"])
+    sd = {k.replace("patch_embed.", "patch_embed.proj.", 1): v for k, v in model.target.state_dict().items()}
+    sd["pos_embed"] = model.target.pos[None].clone()  # (1, N, D), raster order, as timm adds it
+    try:
+        torch.save(sd, path)
+    except OSError as e:
+        raise UserError(f"--export {path}: could not write it ({e.strerror})") from None
+    kw = (f"img_size={m.img_size}, patch_size={m.patch_size}, in_chans={m.in_chans}, embed_dim={m.width}, "
+          f"depth={m.depth}, num_heads={m.heads}, mlp_ratio={m.mlp_ratio}, class_token=False, "
+          f'global_pool="avg", fc_norm=False, num_classes=0')
+    return (f"wrote the target encoder to {path}; load it with timm (the head count matters: a wrong one "
+            f"loads silently and computes something else):\n"
+            f"import timm, torch\n"
+            f"model = timm.models.vision_transformer.VisionTransformer({kw})\n"
+            f"model.load_state_dict(torch.load({str(path)!r}))\n"
+            f"features = model.forward_features(images)  # (B, {m.grid ** 2}, {m.width}) patch features; "
+            f"model(images): (B, {m.width}) pooled")
+
+
 def code_version():
     """The git commit of this file and whether tracked files differ from it ("unknown" outside a
     checkout), for the first log record: a log names the code that made it."""
@@ -548,6 +580,8 @@ def datasets(tcfg, mcfg):
         kw = dict(img_size=mcfg.img_size, seed=tcfg.seed, layout=tcfg.shapes_layout,
                   captions=tcfg.shapes_captions)
         return data.ShapesDataset("train", size=tcfg.shapes_size, **kw), data.ShapesDataset("val", **kw)
+    if tcfg.dataset == "captions":
+        return data.CaptionsDataset.splits(tcfg.data_dir, img_size=mcfg.img_size)
     return (data.CocoCaptions(tcfg.data_dir, "train", img_size=mcfg.img_size),
             data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size))
 
@@ -745,6 +779,9 @@ def probe_results(raw_model, train_set, val_set, val_batches, tokenizer, probe_d
         return out["sims"].float(), out["attention"].float()
 
     m = raw_model.cfg
+    if tcfg.dataset == "captions":
+        n_val = len(val_set) if last else tcfg.probe_val
+        return data.captions_probes(encode, val_set, n_val, tcfg.num_workers, ignore_stop_signals)
     if tcfg.dataset == "coco":
         if probe_data is None:
             return {}
@@ -839,6 +876,12 @@ def main(argv=None):
     if tcfg.num_workers < 0:
         tcfg = dataclasses.replace(tcfg, num_workers=auto_workers())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in DataLoader workers
+    if tcfg.export:  # reads a checkpoint, writes one file: no run, no out_dir
+        if not tcfg.resume:
+            raise UserError("--export needs --resume <checkpoint>: the run whose encoder to export")
+        resume = os.path.join(tcfg.out_dir, "ckpt.pt") if tcfg.resume == "auto" else tcfg.resume
+        print(export_for_timm(load_checkpoint(resume), tcfg.export))
+        return 0
     rt = setup(tcfg)
     prepare_out_dir(tcfg.out_dir)
     with out_dir_lock(tcfg.out_dir, rt):  # nothing in out_dir is touched before the lock is held
