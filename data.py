@@ -1133,12 +1133,13 @@ def shapes_features(encode, dataset, n, patch_size, batch_size=250):
     return torch.cat(feats), shape, color, obj, attrs
 
 
-def shapes_probes(encode, train_set, val_set, n_train, patch_size):
+def shapes_probes(encode, train_set, val_set, n_train, patch_size, n_val=None):
     """Dense probes (what covers each patch: background or a shape; its colour), an object probe
     (each object's mean feature: its shape) and image probes (which shapes / colours are present,
-    how many objects) on the shapes val split, fitted on the first n_train training images."""
+    how many objects), fitted on the first n_train training images, scored on the first n_val val
+    images (default: all)."""
     ftr, str_, ctr, otr, atr = shapes_features(encode, train_set, n_train, patch_size)
-    fte, ste, cte, ote, ate = shapes_features(encode, val_set, len(val_set), patch_size)
+    fte, ste, cte, ote, ate = shapes_features(encode, val_set, min(n_val or len(val_set), len(val_set)), patch_size)
     D, ns, nc = ftr.size(-1), len(SHAPES), len(COLORS)
     res = dict(dense_shape=class_probe(ftr.reshape(-1, D), str_.flatten(), fte.reshape(-1, D), ste.flatten(), ns + 1),
                dense_color=class_probe(ftr.reshape(-1, D), ctr.flatten(), fte.reshape(-1, D), cte.flatten(), nc + 1))

@@ -53,7 +53,7 @@ class TrainConfig:
     # data
     # "shapes" (built-in, no download), "coco" (COCO 2017 captions) or "captions" (your own: README)
     dataset: str = "shapes"
-    data_dir: str = "data/coco"  # coco: the root of train2017/, val2017/, annotations/; captions: images + manifest
+    data_dir: str = "data/coco"  # coco: the root of train2017/, val2017/, annotations/; captions: see README
     shapes_size: int = 20000  # number of training images of the built-in dataset
     shapes_layout: str = "grid3"  # "grid3" (1-4 objects, 3x3 grid) or "pairs" (2 shapes, one colour, 2x2)
     # shapes: "mixed" (grid3); "complement" or "substitute" (pairs; notes/experiments.md §7)
@@ -89,17 +89,19 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (and one at the end)
     val_size: int = 256  # validation images for the fixed-mask losses
     probe_train: int = 2000  # train images the linear probes are fitted on (COCO: evenly spaced in train2017)
-    # COCO: val2017 images the probes score at each evaluation; the last one and --eval_only use all
+    # val images the probes score (shapes: at every evaluation; COCO, captions: the last one and --eval_only
+    # use all)
     probe_val: int = 1000
     probe_words: int = 100  # COCO: the caption-word probe's K most frequent words (stop words left out)
     eval_only: bool = False  # only evaluate --resume's checkpoint (probes + val losses), then exit
-    export: str = ""  # with --resume: write its target encoder for timm's VisionTransformer to this file, then exit
+    export: str = ""  # with --resume: write its target encoder for timm's VisionTransformer here, then exit
     # controls and ablations
     shuffle_captions: bool = False  # control: train with each image's captions taken from another image
 
 
 # flags that take one of a few words (a typo must stop the run, not quietly select a default)
-CHOICES = dict(dataset=("shapes", "coco", "captions"), device=("auto", "cpu", "cuda"), compile=("auto", "on", "off"),
+CHOICES = dict(dataset=("shapes", "coco", "captions"), device=("auto", "cpu", "cuda"),
+               compile=("auto", "on", "off"),
                shapes_layout=data.LAYOUTS, shapes_captions=data.CAPTION_MODES, **tcjepa.CHOICES)
 # numbers: an int must be >= 1 and a float >= 0 and finite, a range (two numbers) within [0, 1], except
 # these (lowest, highest or None). Checked before anything is built, so no bad value fails deep in torch.
@@ -117,7 +119,7 @@ VIT_B16 = {k: v for k, v in dataclasses.asdict(TCJEPAConfig.vit_b16()).items()
 COCO_TRAIN = dict(dataset="coco", lr_per_256=1.25e-4, start_lr_per_256=2.5e-5, epochs=100, warmup_epochs=15,
                   ema_start=0.996, ema_end=1.0, batch_size=128, num_workers=-1, log_every=50, eval_every=5000,
                   save_every=1000)
-# the paper's image-text recipe (notes/paper.md §2.3, App. C.2): N = 8 caption sentences, 50 epochs, warmup 10
+# the paper's image-text recipe (notes/paper.md §2.3; its App. C.2): N = 8 sentences, 50 epochs, warmup 10
 CAPTIONS_TRAIN = dict(COCO_TRAIN, dataset="captions", data_dir="data/captions", epochs=50, warmup_epochs=10)
 CAPTIONS_MODEL = dict(VIT_B16, n_captions=8, max_words=32)
 PRESETS = {
@@ -586,9 +588,10 @@ def datasets(tcfg, mcfg):
             data.CocoCaptions(tcfg.data_dir, "val", img_size=mcfg.img_size))
 
 
-def choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt):
+def choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set):
     """A resumed run takes the checkpoint's own tokenizer; a fresh run trains one on its training
-    captions into out_dir (never reusing a tokenizer.json another run left there), unless --tokenizer."""
+    captions, in memory (every rank gets the same: ids are sorted by count and word), unless
+    --tokenizer. It is written to out_dir with the log, once the run is known to start."""
     if ckpt is not None:
         tokenizer = data.tokenizer_from_str(ckpt["tokenizer_json"], f"the checkpoint {resume}")
         if tcfg.tokenizer and data.load_tokenizer(tcfg.tokenizer).get_vocab() != tokenizer.get_vocab():
@@ -597,12 +600,7 @@ def choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt):
         return tokenizer
     if tcfg.tokenizer:
         return data.load_tokenizer(tcfg.tokenizer)
-    path = os.path.join(tcfg.out_dir, "tokenizer.json")
-    if rt.master:
-        data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size, path)
-    if rt.ddp:
-        dist.barrier()  # every rank waits, then loads it (several nodes need a shared out_dir)
-    return data.load_tokenizer(path)
+    return data.train_tokenizer(train_set.captions_for_tokenizer(), mcfg.vocab_size)
 
 
 def make_loader(train_set, collate, tcfg, rt, start_step):
@@ -787,7 +785,7 @@ def probe_results(raw_model, train_set, val_set, val_batches, tokenizer, probe_d
             return {}
         n_val = len(probe_data.val) if last else tcfg.probe_val
         return data.coco_probes(encode, probe_data, n_val, tcfg.num_workers, ignore_stop_signals)
-    res = data.shapes_probes(encode, train_set, val_set, tcfg.probe_train, m.patch_size)
+    res = data.shapes_probes(encode, train_set, val_set, tcfg.probe_train, m.patch_size, tcfg.probe_val)
     if m.text_cond == "cross" and m.text_pool == "word":
         res.update(data.grounding_probe(text_scores, val_batches, val_set, tokenizer, m.patch_size))
     return res
@@ -920,7 +918,7 @@ def run(tcfg, mcfg, rt):
     # ---- data, tokenizer, model, optimizer (all validated before the log is touched)
     train_set, val_set = datasets(tcfg, mcfg)
     tcfg = resolve_recipe(tcfg, len(train_set), rt.world)
-    tokenizer = choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set, rt)
+    tokenizer = choose_tokenizer(tcfg, mcfg, ckpt, resume, train_set)
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.get_vocab_size())
     if mcfg.text_cond == "cross":
@@ -933,7 +931,7 @@ def run(tcfg, mcfg, rt):
     if ckpt is not None:
         rt.print0(f"resumed from {resume} at step {start_step}")
 
-    # ---- the log. An evaluation that a stop skipped (or a finished run's final results) is done now
+    # ---- what the log says: an evaluation a stop skipped (or final results) is done below
     finished = start_step >= tcfg.max_steps
     logged = {r["step"]: r for r in read_log(log_path)[0] if "val_true" in r} if ckpt is not None else {}
     has_init = ckpt is not None and any("init_probes" in r for r in read_log(log_path)[0])
@@ -943,10 +941,6 @@ def run(tcfg, mcfg, rt):
         rt.print0(f"{resume} has already finished its {tcfg.max_steps} steps: nothing to train "
                   f"(--eval_only true evaluates it; a larger --max_steps trains on)")
         return 0
-    if rt.master and not tcfg.eval_only:  # a fresh log; a resumed one loses what came after ckpt
-        open(log_path, "w").close() if ckpt is None else trim_log(log_path, start_step)
-        append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
-                                  start_step=start_step, world=rt.world, code=code_version()))
 
     # ---- evaluation data: fixed val batches with fixed masks; the COCO probes' images, read once
     probe_data = None
@@ -956,6 +950,17 @@ def run(tcfg, mcfg, rt):
     val_batches = make_val_batches(val_set, collate, tcfg, mcfg)
     eval_data = dict(train_set=train_set, val_set=val_set, val_batches=val_batches, tokenizer=tokenizer,
                      probe_data=probe_data)
+    loader = make_loader(train_set, collate, tcfg, rt, start_step)  # (checks the batch against the data)
+
+    # ---- everything is validated: the run's files. A fresh log; a resumed one loses what came after ckpt
+    if rt.master and not tcfg.eval_only:
+        if ckpt is None:
+            open(log_path, "w").close()
+            tokenizer.save(os.path.join(out, "tokenizer.json"))
+        else:
+            trim_log(log_path, start_step)
+        append_log(log_path, dict(config=dict(train=dataclasses.asdict(tcfg), model=dataclasses.asdict(mcfg)),
+                                  start_step=start_step, world=rt.world, code=code_version()))
     final = logged.get(start_step)
     if tcfg.eval_only or pending:
         final = evaluate(raw_model, eval_data, tcfg, rt, start_step, last=finished or tcfg.eval_only)
@@ -965,7 +970,7 @@ def run(tcfg, mcfg, rt):
 
     # ---- the training loop: a step per iteration; at a check point (log, eval or save due, or a stop)
     # the ranks agree on the window's values and finiteness, then log, save, evaluate
-    data_iter = iter(make_loader(train_set, collate, tcfg, rt, start_step)) if not finished else None
+    data_iter = iter(loader) if not finished else None
     bar = tqdm(total=tcfg.max_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout) \
         if rt.master else None
     say = bar.write if bar else rt.print0  # a line of its own, never onto the progress bar's line
