@@ -74,7 +74,7 @@ class TCJEPAConfig:
     # "cosine": attention = softmax over the words' cosines / cos_temp and a null word of cosine 0,
     # losses on O as the paper; "attention": the paper's attention, sparsity = its entropy, consistency on it
     sim_mode: str = "paper"
-    cos_temp: float = 0.1  # sim_mode "cosine": temperature of the cosine logits (fixed: a learned one could shrink O)
+    cos_temp: float = 0.1  # sim_mode "cosine": temperature of the cosine logits (fixed: learned, O could shrink)
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
     # learned offsets on the conditioner's queries and keys (their Linear and LayerNorm biases). False:
@@ -168,7 +168,8 @@ def sample_masks(batch_size, cfg, generator=None, device=None, max_tries=20):
     tgt = (rr * G + cc).flatten(-2)  # (B, M, Nt)
     # context: a random subset of each image's context patches, the batch minimum in size, in
     # random order (encoder and predictor are permutation-equivariant over tokens and positions
-    # are gathered with the tokens, so the order is immaterial; a sort would cost a fifth of the sampler, notes/perf.md)
+    # are gathered with the tokens, so the order is immaterial; a sort would cost a fifth of the sampler:
+    # notes/perf.md)
     keep = int(best_n.min())
     score = torch.rand(B, N, generator=g, device=device).masked_fill(~best_ctx, -1.0)
     ctx = score.topk(keep, dim=1, sorted=False).indices  # (B, Nc)
@@ -183,7 +184,8 @@ def sincos_2d(grid, dim):
     """Fixed 2D sin-cos position embedding (MAE / I-JEPA): (grid*grid, dim), half per axis."""
     assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    r = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(r, r, indexing="ij")
     out = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]
     return torch.cat(out, 1).float()  # (N, dim)
 
@@ -214,7 +216,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
         y = F.scaled_dot_product_attention(q, k, v)  # fused kernel on GPU (flash / mem-efficient)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
@@ -365,7 +368,8 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(P))  # drawn in TCJEPA.init_weights
         self.register_buffer("pos", sincos_2d(cfg.grid, P), persistent=False)
         self.blocks = nn.ModuleList(Block(P, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
-        n_cond = 0 if cfg.text_cond == "none" else (cfg.pred_depth if cfg.cond_layers < 0 else cfg.cond_layers)
+        n_cond = cfg.pred_depth if cfg.cond_layers < 0 else cfg.cond_layers
+        n_cond = 0 if cfg.text_cond == "none" else n_cond
         self.conds = nn.ModuleList(TextConditioner(cfg) for _ in range(n_cond))
         self.norm, self.proj = LayerNorm(P), nn.Linear(P, cfg.width)
 
@@ -406,7 +410,7 @@ class TCJEPA(nn.Module):
         super().__init__()
         for k, allowed in CHOICES.items():
             assert getattr(cfg, k) in allowed, f"{k} must be one of {allowed}, got {getattr(cfg, k)!r}"
-        assert cfg.cond_layers == -1 or 1 <= cfg.cond_layers <= cfg.pred_depth, "cond_layers: -1 or 1..pred_depth"
+        assert cfg.cond_layers == -1 or 1 <= cfg.cond_layers <= cfg.pred_depth, "cond_layers: -1 or 1..depth"
         self.cfg = cfg
         # the one draw from torch's global generator, before any module is built: torch.manual_seed(s)
         # before TCJEPA(cfg) fixes the init (the modules' own default init is overwritten below)
@@ -423,8 +427,9 @@ class TCJEPA(nn.Module):
         """I-JEPA's init as its training runs apply it: trunc-normal std 0.02 for linear / conv
         weights, the mask token and the word positions, zero biases, N(0, 1) word embeddings. (Its
         model classes also divide attn.proj and mlp.fc2 by sqrt(2 x layer id), but its training
-        entry point redraws every linear weight afterwards: notes/paper.md §5.3.) Each tensor is drawn from its own generator seeded by (seed, its name), so the encoder and
-        the predictor blocks start the same for one seed whatever text modules exist: I-JEPA and
+        entry point redraws every linear weight afterwards: notes/paper.md §5.3.) Each tensor is drawn
+        from its own generator seeded by (seed, its name), so the encoder and the predictor blocks
+        start the same for one seed whatever text modules exist: I-JEPA and
         TC-JEPA runs are paired (notes/paper.md §5)."""
         def gen(name):
             return torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))

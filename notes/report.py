@@ -8,6 +8,7 @@ Tables and curves of notes/experiments.md from the logs that notes/run_experimen
                                      # from python notes/dead_zone.py runs/<run>/ckpt.pt)
   python notes/report.py --sim       # only the remedies of notes/experiments.md §9, their verdict, notes/sim_curves.png
   python notes/report.py --power     # §7's paired interval, and how often its rule A passes a true +0.02 effect
+  python notes/report.py --claims    # the two claims of notes/experiments.md §10, verdicts, claim1.png, claim2.png
 
 The committed logs are those of sections 7-9; the tables of sections 1-6 need a rerun (their logs were
 not kept, and some §8 runs share their names with §1 runs made under an earlier init), so plain
@@ -459,6 +460,181 @@ def power(runs, n_draws=200_000):
           f"the whole rule {whole / n_draws:.1%} ({n_draws} draws, seed 0)")
 
 
+# -----------------------------------------------------------------------------
+# notes/experiments.md §10: the paper's two testable claims, pre-registered
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145}  # t quantiles 0.975 by degrees of freedom
+C1_SEEDS, C1_CONTROL_SEEDS = range(10), range(3)
+C1_ARMS = (("I-JEPA", "c1_ijepa", C1_SEEDS), ("TC-JEPA", "c1_tc", C1_SEEDS),
+           ("TC-JEPA, lambda = beta = 0", "c1_zero", C1_CONTROL_SEEDS),
+           ("TC-JEPA, shuffled captions", "c1_shuf", C1_CONTROL_SEEDS))
+C2_SCALES = (("easy (0.10, 0.15)", "easy"), ("default (0.15, 0.20)", "default"), ("hard (0.30, 0.40)", "hard"))
+C2_METHODS = (("I-JEPA", "c2_ijepa"), ("TC-JEPA", "c2_tc"))
+C2_SEEDS = range(3)
+
+
+def interval(xs):
+    """(mean, low, high) of a 95% t interval; (mean, nan, nan) with fewer than 2 values."""
+    import math
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    half = T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def final_and_init(runs, name, steps):
+    d = load(runs, name)
+    if d is None or not d[1] or d[1][-1]["step"] != steps:
+        return None
+    return d[1][-1], d[2]
+
+
+def claim1(runs):
+    got = {p: {s: final_and_init(runs, f"{p}_s{s}", 3000) for s in seeds} for _, p, seeds in C1_ARMS}
+    gain = lambda p, s, k="dense_shape_obj": got[p][s][0][k] - got[p][s][1][k]  # noqa: E731
+    have = lambda p: [s for s, v in got[p].items() if v is not None]  # noqa: E731
+    out = ["| arm | seeds | gain dense_shape_obj | gain obj_shape | gain img_shape_ap | rankme | ground_o | "
+           "ground_chance | val_true | val_shuffled |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, p, seeds in C1_ARMS:
+        ss = have(p)
+        cells = [fmt([gain(p, s, k) for s in ss]) for k in ("dense_shape_obj", "obj_shape", "img_shape_ap")]
+        cells += [fmt([got[p][s][0][k] for s in ss if got[p][s][0].get(k) is not None])
+                  for k in ("rankme", "ground_o", "ground_chance", "val_true", "val_shuffled")]
+        out.append(f"| {label} | {len(ss)} of {len(seeds)} | " + " | ".join(cells) + " |")
+    out.append("")
+    pairs = (("TC-JEPA - I-JEPA (primary)", "c1_tc", "c1_ijepa"), ("TC-JEPA - lambda = beta = 0", "c1_tc", "c1_zero"),
+             ("TC-JEPA - shuffled captions", "c1_tc", "c1_shuf"))
+    verdict = None
+    for label, a, b in pairs:
+        ss = [s for s in have(a) if s in have(b)]
+        for k in ("dense_shape_obj", "obj_shape", "img_shape_ap"):
+            d = [gain(a, s, k) - gain(b, s, k) for s in ss]
+            if not d:
+                continue
+            m, lo, hi = interval(d)
+            out.append(f"{label}, gain {k}: {', '.join(f'{x:+.3f}' for x in d)}; mean {m:+.4f}, 95% interval "
+                       f"[{lo:+.4f}, {hi:+.4f}] ({len(d)} paired seeds)")
+            if a == "c1_tc" and b == "c1_ijepa" and k == "dense_shape_obj":
+                if len(d) < len(C1_SEEDS):
+                    verdict = f"undecided: {len(d)} of {len(C1_SEEDS)} paired seeds"
+                elif lo > 0:
+                    verdict = f"claim 1 holds here: TC-JEPA's gain exceeds I-JEPA's, [{lo:+.4f}, {hi:+.4f}]"
+                elif hi < 0:
+                    verdict = f"the opposite of claim 1: TC-JEPA's gain is below I-JEPA's, [{lo:+.4f}, {hi:+.4f}]"
+                else:
+                    verdict = f"no difference detected: [{lo:+.4f}, {hi:+.4f}] holds 0"
+    out.append("")
+    out.append(f"verdict (claim 1): {verdict or 'no runs'}")
+    print("\n".join(out))
+    if any(v for arm in got.values() for v in arm.values()):
+        claim1_figure(got, gain)
+
+
+def claim1_figure(got, gain):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+    labels = [label for label, _, _ in C1_ARMS]
+    for s in C1_SEEDS:
+        xs = [i for i, (_, p, _) in enumerate(C1_ARMS) if got[p].get(s)]
+        ax[0].plot(xs, [gain(C1_ARMS[i][1], s) for i in xs], "o-", alpha=0.6, label=f"seed {s}")
+    ax[0].axhline(0, color="gray", lw=0.8)
+    ax[0].set_xticks(range(len(labels)), [lb.replace(", ", ",\n") for lb in labels], fontsize=8)
+    ax[0].set(title="gain dense_shape_obj (step 3000 - init), seeds joined")
+    ax[0].legend(fontsize=6, ncol=2)
+    for i, (label, a, b) in enumerate((("TC - I-JEPA", "c1_tc", "c1_ijepa"), ("TC - lambda=beta=0", "c1_tc", "c1_zero"),
+                                       ("TC - shuffled", "c1_tc", "c1_shuf"))):
+        ss = [s for s in C1_SEEDS if got[a].get(s) and got[b].get(s)]
+        d = [gain(a, s) - gain(b, s) for s in ss]
+        if not d:
+            continue
+        m, lo, hi = interval(d)
+        ax[1].plot([i] * len(d), d, "o", alpha=0.4, color="gray")
+        ax[1].errorbar([i], [m], yerr=[[m - lo], [hi - m]] if len(d) > 1 else None, fmt="s", color="black",
+                       capsize=6)
+    ax[1].axhline(0, color="gray", lw=0.8)
+    ax[1].set_xticks(range(3), ["TC - I-JEPA\n(primary)", "TC - lambda=beta=0", "TC - shuffled"], fontsize=8)
+    ax[1].set(title="paired differences of the gain, mean and 95% interval")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "claim1.png"), dpi=110)
+    print("wrote notes/claim1.png")
+
+
+def claim2(runs):
+    got = {(p, k, s): final_and_init(runs, f"{p}_{k}_s{s}", 1500) for _, p in C2_METHODS for _, k in C2_SCALES
+           for s in C2_SEEDS}
+    out = ["| method | setting | seeds | dense_shape_obj | rankme | val_true | val_shuffled |", "|---|---|---|---|---|---|---|"]
+    for label, p in C2_METHODS:
+        for slabel, k in C2_SCALES:
+            r = [got[(p, k, s)][0] for s in C2_SEEDS if got[(p, k, s)]]
+            out.append(f"| {label} | {slabel} | {len(r)} | " + " | ".join(fmt([x[c] for x in r]) for c in
+                                                                          ("dense_shape_obj", "rankme", "val_true",
+                                                                           "val_shuffled")) + " |")
+    out.append("")
+    spreads, verdict = {}, None
+    for c in ("dense_shape_obj", "rankme"):
+        for label, p in C2_METHODS:
+            ss = [s for s in C2_SEEDS if all(got[(p, k, s)] for _, k in C2_SCALES)]
+            spreads[(p, c)] = {s: max(got[(p, k, s)][0][c] for _, k in C2_SCALES)
+                               - min(got[(p, k, s)][0][c] for _, k in C2_SCALES) for s in ss}
+            if ss:
+                m, lo, hi = interval(list(spreads[(p, c)].values()))
+                out.append(f"{label}: spread of {c} over the three settings (max - min, per seed) "
+                           f"{', '.join(f'{x:.3f}' for x in spreads[(p, c)].values())}; mean {m:.4f}, 95% interval "
+                           f"[{lo:.4f}, {hi:.4f}]")
+        ss = [s for s in C2_SEEDS if s in spreads[("c2_ijepa", c)] and s in spreads[("c2_tc", c)]]
+        if ss:
+            d = [spreads[("c2_ijepa", c)][s] - spreads[("c2_tc", c)][s] for s in ss]
+            m, lo, hi = interval(d)
+            out.append(f"spread I-JEPA - spread TC-JEPA, {c}: {', '.join(f'{x:+.3f}' for x in d)}; mean {m:+.4f}, "
+                       f"95% interval [{lo:+.4f}, {hi:+.4f}] ({len(d)} paired seeds)")
+            if c == "dense_shape_obj":
+                if len(d) < len(C2_SEEDS):
+                    verdict = f"undecided: {len(d)} of {len(C2_SEEDS)} seeds"
+                elif lo > 0:
+                    verdict = f"claim 2 holds here: I-JEPA's probe moves more across block scales, [{lo:+.4f}, {hi:+.4f}]"
+                elif hi < 0:
+                    verdict = f"the opposite of claim 2: TC-JEPA's probe moves more, [{lo:+.4f}, {hi:+.4f}]"
+                else:
+                    verdict = f"no difference in stability detected: [{lo:+.4f}, {hi:+.4f}] holds 0"
+    collapsed = [f"{p}_{k}_s{s} (rankme {got[(p, k, s)][0]['rankme']:.2f})" for _, p in C2_METHODS for _, k in C2_SCALES
+                 for s in C2_SEEDS if got[(p, k, s)] and got[(p, k, s)][0]["rankme"] < 2]
+    out.append(f"collapse (rankme < 2): {', '.join(collapsed) or 'none'}")
+    out.append("")
+    out.append(f"verdict (claim 2): {verdict or 'no runs'}")
+    print("\n".join(out))
+    if any(got.values()):
+        claim2_figure(got)
+
+
+def claim2_figure(got):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (label, p), color in zip(C2_METHODS, ("tab:blue", "tab:orange")):
+        for a, c in zip(ax, ("dense_shape_obj", "rankme")):
+            for s in C2_SEEDS:
+                xs = [i for i, (_, k) in enumerate(C2_SCALES) if got[(p, k, s)]]
+                a.plot(xs, [got[(p, C2_SCALES[i][1], s)][0][c] for i in xs], "-", color=color, alpha=0.3)
+            xs = [i for i, (_, k) in enumerate(C2_SCALES) if any(got[(p, k, s)] for s in C2_SEEDS)]
+            ms = [interval([got[(p, C2_SCALES[i][1], s)][0][c] for s in C2_SEEDS if got[(p, C2_SCALES[i][1], s)]])
+                  for i in xs]
+            a.errorbar(xs, [m[0] for m in ms], yerr=[[m[0] - m[1] if m[1] == m[1] else 0 for m in ms],
+                                                    [m[2] - m[0] if m[2] == m[2] else 0 for m in ms]],
+                       fmt="o-", color=color, capsize=5, label=label)
+    for a, c in zip(ax, ("dense_shape_obj (step 1500)", "rankme (step 1500)")):
+        a.set_xticks(range(3), [lb for lb, _ in C2_SCALES], fontsize=8)
+        a.set(title=f"{c}: mean, 95% interval, seeds thin", xlabel="target block scale")
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "claim2.png"), dpi=110)
+    print("wrote notes/claim2.png")
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     where = args[0] if args else os.path.join(HERE, "runs")
@@ -470,6 +646,10 @@ if __name__ == "__main__":
         sim(where)
     elif "--power" in sys.argv:
         power(where)
+    elif "--claims" in sys.argv:
+        claim1(where)
+        print()
+        claim2(where)
     elif not args:  # the committed logs: sections 7-9 only
         print("sections 1-6: their logs were not kept; rerun them (bash notes/run_experiments.sh) and use "
               "python notes/report.py runs\n\n## section 7\n")
