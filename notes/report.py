@@ -458,6 +458,15 @@ def power(runs, n_draws=200_000):
         whole += ok and all(v >= 0.02 for v in y)
     print(f"a true +0.02 (sd {sd:.3f}) passes the I-JEPA part of rule A {part / n_draws:.1%} of the time, "
           f"the whole rule {whole / n_draws:.1%} ({n_draws} draws, seed 0)")
+    # §10's rule (the paired 95% t interval excludes 0), with §7's paired sd: how many seeds find +0.03?
+    def found(n, effect, draws=20_000):
+        hits = 0
+        for _ in range(draws):
+            x = [rng.gauss(effect, sd) for _ in range(n)]
+            hits += statistics.mean(x) - T975[n - 1] * statistics.stdev(x) / math.sqrt(n) > 0
+        return hits / draws
+    print("§10 power for a true +0.03: " + ", ".join(f"{n} seeds {found(n, 0.03):.0%}" for n in range(5, 13)))
+    print("§10 with 10 seeds: " + ", ".join(f"+{e} {found(10, e):.0%}" for e in (0.02, 0.025, 0.028, 0.03)))
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #   ONLY='^(tc|shuf)_s' bash notes/run_experiments.sh   # only the runs whose name matches
 #   ONLY='^mech_' bash notes/run_experiments.sh          # the pre-registered test, notes/experiments.md §7
 #   ONLY='^sim_' bash notes/run_experiments.sh           # the remedies of notes/experiments.md §9
+#   ONLY='^c[12]_' bash notes/run_experiments.sh         # the two claims of notes/experiments.md §10
 #   EXTRA='--device cuda' JOBS=4 ONLY='^mech_' bash notes/run_experiments.sh   # the same on a GPU
 #   python notes/report.py                   # tables + figures from runs/*/log.jsonl
 # Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
@@ -18,6 +19,10 @@ TC="--text_cond cross --sparse_coef 0 --consist_coef 0"      # TC-JEPA, regulari
 # notes/experiments.md §7: 2 shapes in one colour on a 2x2 grid, two 4x4 target blocks, the rest is context
 MECH="--shapes_layout pairs --n_targets 2 --target_scale 0.25 0.25 --target_aspect 1 1 --context_scale 1 1 \
 --sparse_coef 0 --consist_coef 0 --max_steps 3000 --eval_every 1000 --save_every 500"
+# notes/experiments.md §10: claim 1 on §7's data and masks, evaluated once at the end; claim 2 on the default data
+C1="--shapes_layout pairs --shapes_captions complement --n_targets 2 --target_scale 0.25 0.25 --target_aspect 1 1 \
+--context_scale 1 1 --max_steps 3000 --eval_every 3000 --save_every 500"
+C2="--max_steps 1500 --eval_every 1500 --save_every 500"
 runs=(
   # name                 flags
   "ijepa_s0              --text_cond none --seed 0"
@@ -73,6 +78,52 @@ runs=(
   "sim_zero_s1           --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 1"
   "sim_cosine_s1         --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode cosine --seed 1"
   "sim_attn_s1           --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --sim_mode attention --seed 1"
+  # notes/experiments.md §10, pre-registered: claim 1 (pairs, complement captions, 3000 steps, 10 paired seeds)
+  "c1_tc_s0              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "c1_ijepa_s0           $C1 --text_cond none --seed 0"
+  "c1_tc_s1              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 1"
+  "c1_ijepa_s1           $C1 --text_cond none --seed 1"
+  "c1_tc_s2              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 2"
+  "c1_ijepa_s2           $C1 --text_cond none --seed 2"
+  "c1_tc_s3              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 3"
+  "c1_ijepa_s3           $C1 --text_cond none --seed 3"
+  "c1_tc_s4              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 4"
+  "c1_ijepa_s4           $C1 --text_cond none --seed 4"
+  "c1_tc_s5              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 5"
+  "c1_ijepa_s5           $C1 --text_cond none --seed 5"
+  "c1_tc_s6              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 6"
+  "c1_ijepa_s6           $C1 --text_cond none --seed 6"
+  "c1_tc_s7              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 7"
+  "c1_ijepa_s7           $C1 --text_cond none --seed 7"
+  "c1_tc_s8              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 8"
+  "c1_ijepa_s8           $C1 --text_cond none --seed 8"
+  "c1_tc_s9              $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 9"
+  "c1_ijepa_s9           $C1 --text_cond none --seed 9"
+  "c1_zero_s0            $C1 --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 0"
+  "c1_shuf_s0            $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --shuffle_captions true --seed 0"
+  "c1_zero_s1            $C1 --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 1"
+  "c1_shuf_s1            $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --shuffle_captions true --seed 1"
+  "c1_zero_s2            $C1 --text_cond cross --sparse_coef 0 --consist_coef 0 --seed 2"
+  "c1_shuf_s2            $C1 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --shuffle_captions true --seed 2"
+  # §10 claim 2: block scales on the default data, 1500 steps, 3 seeds
+  "c2_ijepa_easy_s0  $C2 --target_scale 0.1 0.15 --text_cond none --seed 0"
+  "c2_tc_easy_s0     $C2 --target_scale 0.1 0.15 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "c2_ijepa_default_s0  $C2 --target_scale 0.15 0.2 --text_cond none --seed 0"
+  "c2_tc_default_s0     $C2 --target_scale 0.15 0.2 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "c2_ijepa_hard_s0  $C2 --target_scale 0.3 0.4 --text_cond none --seed 0"
+  "c2_tc_hard_s0     $C2 --target_scale 0.3 0.4 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 0"
+  "c2_ijepa_easy_s1  $C2 --target_scale 0.1 0.15 --text_cond none --seed 1"
+  "c2_tc_easy_s1     $C2 --target_scale 0.1 0.15 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 1"
+  "c2_ijepa_default_s1  $C2 --target_scale 0.15 0.2 --text_cond none --seed 1"
+  "c2_tc_default_s1     $C2 --target_scale 0.15 0.2 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 1"
+  "c2_ijepa_hard_s1  $C2 --target_scale 0.3 0.4 --text_cond none --seed 1"
+  "c2_tc_hard_s1     $C2 --target_scale 0.3 0.4 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 1"
+  "c2_ijepa_easy_s2  $C2 --target_scale 0.1 0.15 --text_cond none --seed 2"
+  "c2_tc_easy_s2     $C2 --target_scale 0.1 0.15 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 2"
+  "c2_ijepa_default_s2  $C2 --target_scale 0.15 0.2 --text_cond none --seed 2"
+  "c2_tc_default_s2     $C2 --target_scale 0.15 0.2 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 2"
+  "c2_ijepa_hard_s2  $C2 --target_scale 0.3 0.4 --text_cond none --seed 2"
+  "c2_tc_hard_s2     $C2 --target_scale 0.3 0.4 --text_cond cross --sparse_coef 0.1 --consist_coef 0.5 --seed 2"
 )
 one() {  # $1 = name, rest = flags
   local name=$1; shift
@@ -83,7 +134,7 @@ one() {  # $1 = name, rest = flags
   fi
   local budget="--max_steps 1500" resume=""
   [[ " $* " == *" shapes_long "* ]] && budget=""  # the preset sets 4000 steps
-  if [ -f "runs/$name/ckpt.pt" ]; then resume="--resume runs/$name/ckpt.pt"; else rm -rf "runs/$name"; mkdir -p "runs/$name"; fi
+  if [ -f "runs/$name/ckpt.pt" ]; then resume="--resume auto"; else rm -rf "runs/$name"; mkdir -p "runs/$name"; fi
   echo "start $name: python train.py $COMMON $budget $* ${EXTRA:-} $resume --out_dir runs/$name"
   OMP_NUM_THREADS=1 python train.py $COMMON $budget "$@" ${EXTRA:-} $resume --out_dir "runs/$name" >> "runs/$name/stdout.txt" 2>&1
   echo "done  $name ($(tail -c 300 runs/$name/stdout.txt | tr '\r' '\n' | tail -1))"
