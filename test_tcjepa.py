@@ -628,22 +628,28 @@ def test_ema_is_updated_from_the_raw_model_whatever_wraps_it():
 
 def test_val_losses_shuffled_and_none_are_what_they_say():
     """The manipulation check of every experiment: val_shuffled is the loss with each image's captions
-    taken from its neighbour, val_none with no caption, each against a direct forward pass."""
+    taken from the next image of the whole val set (also in a batch of one), val_none with no caption,
+    each against a direct forward pass."""
     import train
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(img_size=64)
     torch.manual_seed(0)
     model = TCJEPA(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    tokens, wm = fake_text(4, cfg, g)
-    ctx, tgt = sample_masks(4, cfg, g)
-    b = dict(images=torch.randn(4, 3, 32, 32), tokens=tokens, word_mask=wm, ctx=ctx, tgt=tgt)
-    v = train.val_losses(model, [b], torch.device("cpu"), train.nullcontext())
+    val = ShapesDataset("val", size=9)
+    tok = train_tokenizer(val.captions_for_tokenizer(), 64)
+    tcfg = train.TrainConfig(val_size=9, batch_size=4)
+    batches = train.make_val_batches(val, Collate(tok, cfg.n_captions, cfg.max_words), tcfg, cfg)
+    assert [len(b["images"]) for b in batches] == [4, 4, 1]
+    every = torch.cat([b["tokens"] for b in batches])
+    assert torch.equal(batches[2]["tokens_shuffled"][0], every[7])  # the lone image gets its neighbour's
+    assert torch.equal(torch.cat([b["tokens_shuffled"] for b in batches]), every.roll(1, 0))
+    v = train.val_losses(model, batches, torch.device("cpu"), train.nullcontext())
     with torch.no_grad():
         def direct(tok, w):
-            return model(b["images"], ctx, tgt, tok, w)["loss_pred"].item()
-        assert v["true"] == pytest.approx(direct(tokens, wm))
-        assert v["shuffled"] == pytest.approx(direct(tokens.roll(1, 0), wm.roll(1, 0)))
-        assert v["none"] == pytest.approx(direct(tokens, torch.zeros_like(wm)))
+            return sum(model(b["images"], b["ctx"], b["tgt"], tok(b), w(b))["loss_pred"].item() * len(b["images"])
+                       for b in batches) / 9
+        assert v["true"] == pytest.approx(direct(lambda b: b["tokens"], lambda b: b["word_mask"]))
+        assert v["shuffled"] == pytest.approx(direct(lambda b: b["tokens_shuffled"], lambda b: b["word_mask_shuffled"]))
+        assert v["none"] == pytest.approx(direct(lambda b: b["tokens"], lambda b: torch.zeros_like(b["word_mask"])))
         assert len({round(x, 6) for x in v.values()}) == 3  # three different numbers
 
 
@@ -2405,41 +2411,25 @@ def test_a_damaged_log_is_resumed_with_a_warning(tmp_path):
     assert all(json.loads(x) is not None for x in open(d / "log.jsonl"))
 
 
-def test_a_full_disk_at_a_log_append_is_one_line_and_leaves_no_partial_line(tmp_path, monkeypatch):
+def test_a_full_disk_at_a_log_append_is_one_line_and_leaves_no_partial_line(tmp_path):
+    """A real write limit (RLIMIT_FSIZE: the file may not grow past its size + 10 bytes), in a child
+    process: the append fails part-way, is cut back off, and says so in one line."""
     path = tmp_path / "log.jsonl"
-    train.append_log(path, dict(step=1, loss=0.5))
-    real_open = open
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def tell(self):
-            return self.f.tell()
-
-        def truncate(self, n):
-            return self.f.truncate(n)
-
-        def write(self, s):
-            self.f.write(s[:5])  # part of the line reaches the disk
-            self.f.flush()
-            raise OSError(28, "No space left on device")
-
-        def flush(self):
-            pass
-
-    monkeypatch.setattr(train, "open", lambda p, m="r", **k: Full(real_open(p, m, **k)), raising=False)
-    with pytest.raises(train.UserError) as e:
-        train.append_log(path, dict(step=2, loss=0.25))
-    monkeypatch.undo()
-    assert "No space left on device" in str(e.value) and "--resume auto" in str(e.value)
-    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    path.write_text('{"step": 1, "loss": 0.5}\n')
+    code = f"""import resource, signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then gives EFBIG, as a full disk gives ENOSPC
+size = {len(path.read_bytes())}
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+try:
+    train.append_log({str(path)!r}, dict(step=2, loss=0.25, note="a line longer than ten bytes"))
+except train.UserError as e:
+    print("USER", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.stdout.startswith("USER could not write") and "--resume auto" in out.stdout, out.stdout + out.stderr
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'  # no partial line left
 
 
 def test_log_records_are_strict_json():
@@ -2670,3 +2660,59 @@ def test_plot_reads_a_log_as_report_does(tmp_path):
     tr, ev, init = plot.read(str(log))
     assert [r["loss"] for r in tr] == [0.5, 0.3] and [e["step"] for e in ev] == [2] and init == {"rankme": 2.0}
     assert plot.series(ev, "rankme") == ([], [])
+
+
+
+def test_a_run_never_mixes_with_another_in_its_out_dir(tmp_path, capsys):
+    """--resume of another folder's checkpoint into an out_dir that holds a run is refused; into an empty
+    one it continues there; --eval_only of another folder's checkpoint writes nothing; --overwrite
+    drops the previous checkpoint with its log (a kill before the first save cannot resume it)."""
+    a, d, e = tmp_path / "a", tmp_path / "d", tmp_path / "e"
+    train.main([*TINY, "--max_steps", "2", "--out_dir", str(a)])
+    train.main([*TINY, "--max_steps", "2", "--seed", "3", "--out_dir", str(d)])
+    before = {f: (d / f).read_bytes() for f in ("ckpt.pt", "log.jsonl")}
+    msg = _main_error([*TINY, "--max_steps", "4", "--out_dir", str(d), "--resume", str(a / "ckpt.pt")])
+    assert "--resume names another run's checkpoint" in msg and before == {f: (d / f).read_bytes() for f in before}
+    assert train.main([*TINY, "--out_dir", str(e), "--resume", str(a / "ckpt.pt"), "--eval_only", "true"]) == 0
+    assert "val_true" in capsys.readouterr().out and not (e / "log.jsonl").exists()
+    assert train.main([*TINY, "--max_steps", "3", "--out_dir", str(e), "--resume", str(a / "ckpt.pt")]) == 0
+    assert sorted(train_log(e)) == [3] and (e / "ckpt.pt").exists()  # the continued run, in its new folder
+    real = train.train_step
+
+    def crash(*args, **kw):
+        raise RuntimeError("killed before the first save")
+
+    train.train_step = crash
+    try:
+        with pytest.raises(RuntimeError, match="before the first save"):
+            train.main([*TINY, "--max_steps", "2", "--out_dir", str(d), "--overwrite", "true", "--seed", "9"])
+    finally:
+        train.train_step = real
+    assert not (d / "ckpt.pt").exists() and json.loads((d / "log.jsonl").read_text())["config"]["train"]["seed"] == 9
+
+
+def test_a_worker_that_raises_is_not_a_dead_worker_and_a_death_before_any_step_saves_nothing(tmp_path, monkeypatch):
+    """An error raised inside a loader worker is a bug to see (its traceback, exit 1), not a worker killed
+    for memory (74); a worker death before the first step of a fresh run writes no checkpoint at step -1."""
+    def broken(self, keys):
+        raise RuntimeError("a bug in the data")
+
+    monkeypatch.setattr(data.ShapesDataset, "__getitems__", broken)
+    with pytest.raises(RuntimeError, match="a bug in the data"):
+        train.main([*TINY, "--max_steps", "2", "--num_workers", "1", "--out_dir", str(tmp_path / "w")])
+    monkeypatch.undo()
+
+    def died(*a, **k):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train, "train_step", died)
+    d = tmp_path / "first"
+    assert train.main([*TINY, "--max_steps", "2", "--out_dir", str(d)]) == train.EXIT_WORKER_DIED
+    assert not (d / "ckpt.pt").exists()
+
+
+def test_probe_table_prints_nan_for_a_null_probe():
+    t = train.TrainConfig()
+    table = train.probe_table(dict(a=None, b=0.5), dict(a=0.25, b=None, c=[1]), t)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:]}
+    assert rows == {"a": ["0.2500", "nan"], "b": ["nan", "0.5000"]}, table

@@ -412,6 +412,51 @@ def run_in(path):
     return ", ".join(found)
 
 
+def what_to_resume(tcfg):
+    """(the checkpoint to resume or "", whether this run owns out_dir's log: a fresh run, or a resume of
+    out_dir's own checkpoint), or one line when out_dir holds a run that this one would mix with."""
+    out = tcfg.out_dir
+    ckpt_path, held = os.path.join(out, "ckpt.pt"), run_in(out)
+    remove_stale_temps(out)
+    resume = tcfg.resume
+    if resume == "auto":
+        if os.path.lexists(ckpt_path) and not os.path.exists(ckpt_path):
+            raise UserError(f"--resume auto: {ckpt_path} is a dangling link; restore it, or give --resume "
+                            f"<checkpoint>")
+        resume = ckpt_path if os.path.exists(ckpt_path) else ""
+        if not resume and held:
+            raise UserError(f"--resume auto: {out} holds {held} but no ckpt.pt: nothing to continue from; "
+                            f"restore ckpt.pt, give another --out_dir, or --overwrite true to start over")
+    if tcfg.eval_only and not resume:
+        raise UserError("--eval_only needs --resume <checkpoint>")
+    own = not resume or os.path.realpath(resume) == os.path.realpath(ckpt_path)
+    if held and not own and not tcfg.eval_only:
+        raise UserError(f"--out_dir {out} holds a run ({held}) and --resume names another run's checkpoint: "
+                        f"give an empty --out_dir to continue that one, or --resume auto to continue this "
+                        f"one")
+    if held and not resume and not tcfg.overwrite:
+        raise UserError(f"--out_dir {out} holds a run ({held}): continue it with --resume auto, give "
+                        f"another --out_dir, or add --overwrite true to start over there")
+    return resume, own
+
+
+def from_rank0(fn, rt):
+    """fn() on rank 0, its result (or its UserError) sent to every rank: decisions about the disk are
+    made once, so the ranks cannot disagree (nodes may see a shared disk at different moments)."""
+    box = [None]
+    if rt.master:
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    if rt.ddp:
+        dist.broadcast_object_list(box, src=0, group=rt.cpu_group)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value if rt.master else f"{value} (rank 0)")
+    return value
+
+
 def remove_stale_temps(path):
     """Temp files of saves that a kill -9 cut short (no other process writes here: we hold the lock)."""
     for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp")):
@@ -486,17 +531,24 @@ def _json_safe(x):
 
 
 def append_log(path, rec):
-    """One line, written whole or not at all: a failed write (disk full) is cut back off the file."""
-    line = json.dumps(_json_safe(rec), allow_nan=False) + "\n"
-    with open(path, "a") as f:
-        size = f.tell()
+    """One line, written whole or not at all: a failed write (disk full) is cut back off the file.
+    Unbuffered, so that what reached the disk is known and can be truncated."""
+    line = (json.dumps(_json_safe(rec), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+    except OSError as e:
         try:
-            f.write(line)
-            f.flush()
-        except OSError as e:
-            f.truncate(size)
-            raise UserError(f"could not write {path} ({e.strerror}): free space in "
-                            f"{os.path.dirname(path) or '.'} and resume with --resume auto") from None
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise UserError(f"could not write {path} ({e.strerror}): free space in "
+                        f"{os.path.dirname(path) or '.'} and resume with --resume auto") from None
+    finally:
+        os.close(fd)
 
 
 def read_log(path):
@@ -614,7 +666,8 @@ def make_loader(train_set, collate, tcfg, rt, start_step):
 
 def make_val_batches(val_set, collate, tcfg, mcfg):
     """Fixed val images with fixed masks: the same for every evaluation, and for every run of a seed
-    and batch size (the masks are drawn per batch)."""
+    and batch size (the masks are drawn per batch). Each image's "shuffled" captions are those of the
+    next image of the whole set (a roll inside a batch of one would give an image its own)."""
     batches, n_val = [], min(tcfg.val_size, len(val_set))
     for i in range(0, n_val, tcfg.batch_size):
         b = collate([val_set[(j, 1000 + j)] for j in range(i, min(n_val, i + tcfg.batch_size))])
@@ -622,6 +675,11 @@ def make_val_batches(val_set, collate, tcfg, mcfg):
         b["ctx"], b["tgt"] = sample_masks(len(b["images"]), mcfg, data.seeded(tcfg.seed, 10**9, i))
         b["indices"] = torch.arange(i, min(n_val, i + tcfg.batch_size))  # (shapes: every item is readable)
         batches.append(b)
+    sizes = [len(b["images"]) for b in batches]
+    for k in ("tokens", "word_mask"):
+        rolled = torch.cat([b[k] for b in batches]).roll(1, 0).split(sizes)
+        for b, r in zip(batches, rolled):
+            b[f"{k}_shuffled"] = r
     return batches
 
 
@@ -749,14 +807,14 @@ def train_step(step, model, raw_model, opt, next_batch, tcfg, mcfg, rt):
 @torch.no_grad()
 def val_losses(raw_model, val_batches, device, autocast):
     """Prediction loss on fixed val images and fixed masks with the true captions, captions shuffled
-    across images, and no captions: the cheapest sign that the text is used (notes/paper.md §2.5)."""
+    across images (make_val_batches), and no captions: the cheapest sign that the text is used
+    (notes/paper.md §2.5)."""
     sums = dict(true=0.0, shuffled=0.0, none=0.0)
     n_total = sum(len(b["images"]) for b in val_batches)
     for b in val_batches:
-        images, tokens, wm, ctx, tgt = (b[k].to(device)
-                                        for k in ("images", "tokens", "word_mask", "ctx", "tgt"))
-        variants = dict(true=(tokens, wm), shuffled=(tokens.roll(1, 0), wm.roll(1, 0)),
-                        none=(tokens, torch.zeros_like(wm)))
+        images, tokens, wm, ctx, tgt, tok_s, wm_s = (b[k].to(device) for k in (
+            "images", "tokens", "word_mask", "ctx", "tgt", "tokens_shuffled", "word_mask_shuffled"))
+        variants = dict(true=(tokens, wm), shuffled=(tok_s, wm_s), none=(tokens, torch.zeros_like(wm)))
         for name, (tok, w) in variants.items():
             with autocast:
                 sums[name] += raw_model(images, ctx, tgt, tok, w)["loss_pred"].item() * len(images) / n_total
@@ -883,7 +941,11 @@ def main(argv=None):
     rt = setup(tcfg)
     prepare_out_dir(tcfg.out_dir)
     with out_dir_lock(tcfg.out_dir, rt):  # nothing in out_dir is touched before the lock is held
-        return run(tcfg, mcfg, rt)
+        try:
+            return run(tcfg, mcfg, rt)
+        except RuntimeError as e:  # a probe loader's worker died outside the loop: the checkpoint is intact
+            rt.print0(worker_died_line(dead_worker(e, rt), "as it was", tcfg))
+            return EXIT_WORKER_DIED
 
 
 def run(tcfg, mcfg, rt):
@@ -891,24 +953,7 @@ def run(tcfg, mcfg, rt):
     # ---- what is in out_dir: a checkpoint to resume, or a run that a fresh start must not replace
     out, ckpt_path = tcfg.out_dir, os.path.join(tcfg.out_dir, "ckpt.pt")
     log_path = os.path.join(out, "log.jsonl")
-    if rt.master:
-        remove_stale_temps(out)
-    resume = tcfg.resume
-    if resume == "auto":
-        if os.path.lexists(ckpt_path) and not os.path.exists(ckpt_path):
-            raise UserError(f"--resume auto: {ckpt_path} is a dangling link; restore it, or give --resume "
-                            f"<checkpoint>")
-        resume = ckpt_path if os.path.exists(ckpt_path) else ""
-        if not resume and run_in(out):
-            raise UserError(f"--resume auto: {out} holds {run_in(out)} but no ckpt.pt: nothing to continue "
-                            f"from; restore ckpt.pt, give another --out_dir, or --overwrite true to start "
-                            f"over")
-    found = run_in(out) if not resume and not tcfg.overwrite else ""
-    if found:
-        raise UserError(f"--out_dir {out} holds a run ({found}): continue it with --resume auto, give "
-                        f"another --out_dir, or add --overwrite true to start over there")
-    if tcfg.eval_only and not resume:
-        raise UserError("--eval_only needs --resume <checkpoint>")
+    resume, own = from_rank0(lambda: what_to_resume(tcfg), rt)  # own: this run writes out_dir's log
     ckpt = load_checkpoint(resume) if resume else None
     trained_on = ckpt["train_config"]["dataset"] if ckpt is not None else tcfg.dataset
     if trained_on != tcfg.dataset:  # its tokenizer is of that data
@@ -933,10 +978,11 @@ def run(tcfg, mcfg, rt):
 
     # ---- what the log says: an evaluation a stop skipped (or final results) is done below
     finished = start_step >= tcfg.max_steps
-    logged = {r["step"]: r for r in read_log(log_path)[0] if "val_true" in r} if ckpt is not None else {}
-    has_init = ckpt is not None and any("init_probes" in r for r in read_log(log_path)[0])
+    recs = from_rank0(lambda: read_log(log_path)[0], rt) if ckpt is not None and own else []
+    logged = {r["step"]: r for r in recs if "val_true" in r}
+    has_init = any("init_probes" in r for r in recs)
     due = start_step % tcfg.eval_every == 0 or finished
-    pending = ckpt is not None and due and start_step not in logged and not tcfg.eval_only
+    pending = ckpt is not None and own and due and start_step not in logged and not tcfg.eval_only
     if finished and not (pending or tcfg.eval_only) and has_init:
         rt.print0(f"{resume} has already finished its {tcfg.max_steps} steps: nothing to train "
                   f"(--eval_only true evaluates it; a larger --max_steps trains on)")
@@ -954,7 +1000,9 @@ def run(tcfg, mcfg, rt):
 
     # ---- everything is validated: the run's files. A fresh log; a resumed one loses what came after ckpt
     if rt.master and not tcfg.eval_only:
-        if ckpt is None:
+        if ckpt is None:  # (--overwrite: the previous run's checkpoint goes with its log)
+            if os.path.lexists(ckpt_path):
+                os.remove(ckpt_path)
             open(log_path, "w").close()
             tokenizer.save(os.path.join(out, "tokenizer.json"))
         else:
@@ -965,7 +1013,8 @@ def run(tcfg, mcfg, rt):
     if tcfg.eval_only or pending:
         final = evaluate(raw_model, eval_data, tcfg, rt, start_step, last=finished or tcfg.eval_only)
         if rt.master:
-            append_log(log_path, final)
+            if own:  # (--eval_only of another folder's checkpoint only prints)
+                append_log(log_path, final)
             print(eval_line(final))
 
     # ---- the training loop: a step per iteration; at a check point (log, eval or save due, or a stop)
@@ -1012,7 +1061,7 @@ def run(tcfg, mcfg, rt):
                 append_log(log_path, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         window, since = [], done
-        if save_due or stopping:  # before the evaluation: a signal or a failing probe cannot cost it
+        if (save_due or stopping) and done > start_step:  # before the evaluation: a stop cannot cost it
             if not all_finite(raw_model.state_dict(), opt.state_dict()):  # the same on every rank
                 raise UserError(f"weights not finite after step {done}: stopped, nothing was saved. Last "
                                 f"good checkpoint: {last_good}. Lower --lr (now {tcfg.lr:g}) and resume "
@@ -1030,7 +1079,7 @@ def run(tcfg, mcfg, rt):
                 final = evaluate(raw_model, eval_data, tcfg, rt, done, last=done == tcfg.max_steps)
             except RuntimeError as e:  # a probe loader's worker died: the resumed run does this evaluation
                 worker_died = dead_worker(e, rt)
-                if rt.master and not save_due:
+                if rt.master and not save_due and done > start_step:
                     save_checkpoint(ckpt_path, raw_model, opt, tcfg, mcfg, done - 1, tokenizer, rt.world,
                                     len(train_set))
                 stopping = True
@@ -1044,17 +1093,16 @@ def run(tcfg, mcfg, rt):
 
     # ---- the end: what stopped the run, or the probes at initialization beside the trained ones
     if stopping and (rt.stop_signal or not worker_died):
-        rt.print0(f"{rt.stop_signal or 'a stop on another rank'}: saved {ckpt_path} at step {since}; "
-                  f"continue with --resume auto (exit code {EXIT_STOPPED})")
+        rt.print0(f"{rt.stop_signal or 'a stop on another rank'}: saved {last_good}; continue with --resume "
+                  f"auto (exit code {EXIT_STOPPED})")
         return EXIT_STOPPED
     if stopping:
-        rt.print0(f"error: {worker_died}; saved {ckpt_path} at step {since}. A DataLoader worker is most "
-                  f"often killed for memory: lower --num_workers (now {tcfg.num_workers}) and continue with "
-                  f"--resume auto (exit code {EXIT_WORKER_DIED})")
+        rt.print0(worker_died_line(worker_died, last_good, tcfg))
         return EXIT_WORKER_DIED
     if rt.master:
         init = init_probes(mcfg, tcfg, eval_data, rt)
-        append_log(log_path, dict(step=0, init_probes=init))
+        if own:
+            append_log(log_path, dict(step=0, init_probes=init))
         if final is None:  # a finished run completed by its resume: its last evaluation is in the log
             final = {**logged.get(tcfg.max_steps, {})}
         print(probe_table(final, init, tcfg))
@@ -1062,10 +1110,22 @@ def run(tcfg, mcfg, rt):
     return 0
 
 
+# torch's words for a DataLoader worker that died (a worker that raised says "in DataLoader worker process")
+DEAD_WORKER = re.compile(r"DataLoader worker \(pid")
+
+
+def worker_died_line(died, last_good, tcfg):
+    go_on = ("continue with --resume auto" if last_good != "none" else
+             "nothing was saved (no step finished): start again with --overwrite true")
+    return (f"error: {died}; last checkpoint: {last_good}. A DataLoader worker is most often killed for "
+            f"memory: lower --num_workers (now {tcfg.num_workers}) and {go_on} (exit code "
+            f"{EXIT_WORKER_DIED})")
+
+
 def dead_worker(e, rt):
     """The first line of a RuntimeError that says a DataLoader worker died; any other error is raised
     again. Under DDP the other ranks wait for this one in the gradient all-reduce: stop them all."""
-    if "DataLoader worker" not in str(e):
+    if not DEAD_WORKER.search(str(e)):
         raise e
     if rt.ddp:
         raise UserError(f"{str(e).splitlines()[0]}: under torchrun the other ranks cannot go on; the last "
@@ -1093,8 +1153,11 @@ def eval_line(rec):
 
 
 def probe_table(final, init, tcfg):
-    """Each probe at initialization beside its trained value ('' without probes)."""
-    rows = [f"{k:<18}{x:>12.4f}{final[k]:>10.4f}" for k, x in init.items() if isinstance(x, float)]
+    """Each probe at initialization beside its trained value ('' without probes; nan where a probe had
+    nothing to score, logged as null)."""
+    num = lambda x: x if isinstance(x, (int, float)) else float("nan")  # noqa: E731
+    rows = [f"{k:<18}{num(x):>12.4f}{num(final.get(k)):>10.4f}" for k, x in init.items()
+            if isinstance(x, (int, float, type(None)))]
     head = (f"\nlinear probes on the frozen target encoder ({tcfg.dataset} val):\n"
             f"{'probe':<18}{'random init':>12}{'trained':>10}")
     return "\n".join([head] + rows) if rows else ""
