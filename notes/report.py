@@ -493,6 +493,15 @@ def interval(xs):
     return m, m - half, m + half
 
 
+def by_interval(d, n_needed, above, below):
+    """§10's rule: the verdict of paired differences d by their 95% interval."""
+    if len(d) < n_needed:
+        return f"undecided: {len(d)} of {n_needed} paired seeds"
+    _, lo, hi = interval(d)
+    what = above if lo > 0 else below if hi < 0 else "no difference detected (the interval holds 0)"
+    return f"{what}: 95% interval [{lo:+.4f}, {hi:+.4f}]"
+
+
 def final_and_init(runs, name, steps):
     d = load(runs, name)
     if d is None or not d[1] or d[1][-1]["step"] != steps:
@@ -526,14 +535,8 @@ def claim1(runs):
             out.append(f"{label}, gain {k}: {', '.join(f'{x:+.3f}' for x in d)}; mean {m:+.4f}, 95% interval "
                        f"[{lo:+.4f}, {hi:+.4f}] ({len(d)} paired seeds)")
             if a == "c1_tc" and b == "c1_ijepa" and k == "dense_shape_obj":
-                if len(d) < len(C1_SEEDS):
-                    verdict = f"undecided: {len(d)} of {len(C1_SEEDS)} paired seeds"
-                elif lo > 0:
-                    verdict = f"claim 1 holds here: TC-JEPA's gain exceeds I-JEPA's, [{lo:+.4f}, {hi:+.4f}]"
-                elif hi < 0:
-                    verdict = f"the opposite of claim 1: TC-JEPA's gain is below I-JEPA's, [{lo:+.4f}, {hi:+.4f}]"
-                else:
-                    verdict = f"no difference detected: [{lo:+.4f}, {hi:+.4f}] holds 0"
+                verdict = by_interval(d, len(C1_SEEDS), "claim 1 holds here: TC-JEPA's gain exceeds I-JEPA's",
+                                      "the opposite of claim 1: TC-JEPA's gain is below I-JEPA's")
     out.append("")
     out.append(f"verdict (claim 1): {verdict or 'no runs'}")
     print("\n".join(out))
@@ -601,14 +604,8 @@ def claim2(runs):
             out.append(f"spread I-JEPA - spread TC-JEPA, {c}: {', '.join(f'{x:+.3f}' for x in d)}; mean {m:+.4f}, "
                        f"95% interval [{lo:+.4f}, {hi:+.4f}] ({len(d)} paired seeds)")
             if c == "dense_shape_obj":
-                if len(d) < len(C2_SEEDS):
-                    verdict = f"undecided: {len(d)} of {len(C2_SEEDS)} seeds"
-                elif lo > 0:
-                    verdict = f"claim 2 holds here: I-JEPA's probe moves more across block scales, [{lo:+.4f}, {hi:+.4f}]"
-                elif hi < 0:
-                    verdict = f"the opposite of claim 2: TC-JEPA's probe moves more, [{lo:+.4f}, {hi:+.4f}]"
-                else:
-                    verdict = f"no difference in stability detected: [{lo:+.4f}, {hi:+.4f}] holds 0"
+                verdict = by_interval(d, len(C2_SEEDS), "claim 2 holds here: I-JEPA's probe moves more across "
+                                      "block scales", "the opposite of claim 2: TC-JEPA's probe moves more")
     collapsed = [f"{p}_{k}_s{s} (rankme {got[(p, k, s)][0]['rankme']:.2f})" for _, p in C2_METHODS for _, k in C2_SCALES
                  for s in C2_SEEDS if got[(p, k, s)] and got[(p, k, s)][0]["rankme"] < 2]
     out.append(f"collapse (rankme < 2): {', '.join(collapsed) or 'none'}")
