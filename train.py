@@ -886,8 +886,8 @@ def dead_zone_warning(mcfg, since, done):
     return (f"warning: pos_frac stayed below {DEAD_ZONE} over steps {since + 1}-{done}: every patch-word "
             f"cosine is negative, so the sparsity and consistency losses (--sparse_coef "
             f"{mcfg.sparse_coef:g} --consist_coef {mcfg.consist_coef:g}) have gone inert (notes/paper.md "
-            f"§2.5); --sim_mode cosine or attention removes the loss's trivial minima (notes/experiments.md "
-            f"§9), 0 turns the losses off")
+            f"§2.5: the loss has a free minimum there); the two --sim_mode remedies tried did not keep them "
+            f"alive either (notes/experiments.md §9); 0 turns the losses off")
 
 
 # -----------------------------------------------------------------------------
