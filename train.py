@@ -1,12 +1,14 @@
 """
-Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data or on COCO captions.
+Train TC-JEPA (or I-JEPA with --text_cond none) on the built-in `shapes` data, on COCO captions,
+or on your own captioned images.
 
   python train.py                                   # CPU or one GPU, built-in data, no download
   torchrun train.py --dataset coco                  # COCO 2017 in data/coco, ViT-B/16 at 224
   torchrun --standalone --nproc_per_node=8 train.py --dataset coco --data_dir /data/coco
+  torchrun train.py --dataset captions --data_dir DIR   # DIR/train.jsonl (+ val.jsonl), README
 
 Every field of TrainConfig and TCJEPAConfig is a flag; a preset fills the fields not given
-(`shapes` by default, `coco` with --dataset coco). `python train.py --help` shows, for each flag,
+(`shapes` by default, `coco` with --dataset coco, `captions` with --dataset captions). `python train.py --help` shows, for each flag,
 the value every preset uses. Exit codes (of each process; torchrun reports its own): 0 finished,
 75 stopped by a signal after saving a checkpoint (resume with --resume auto), 74 a DataLoader worker
 died after saving (resume with fewer --num_workers), 1 the user must act (the last line says what).

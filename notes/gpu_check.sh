@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements in one short script, sized for a short loan of one GPU: it starts no new
+# The GPU measurements in one short script, sized for a few minutes on one GPU: it starts no new
 # section after BUDGET seconds (default 240; each section is capped at 150 s, so the script ends
-# within ~7 minutes), which leaves room for one rerun in 15 minutes. It writes at most 8 files.
+# within ~7 minutes), so twice fits in 15 minutes of GPU time. It writes at most 8 files.
 # Run from the repository root on the GPU machine; everything lands in $OUT (default /tmp/gpu_out):
 #   bash notes/gpu_check.sh
 # 1. the CUDA tests: bf16 + torch.compile + fused attention, no host sync in a whole step

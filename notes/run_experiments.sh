@@ -9,9 +9,11 @@
 #   ONLY='^sim_' bash notes/run_experiments.sh           # the remedies of notes/experiments.md §9
 #   ONLY='^c[12]_' bash notes/run_experiments.sh         # the two claims of notes/experiments.md §10
 #   EXTRA='--device cuda' JOBS=4 ONLY='^mech_' bash notes/run_experiments.sh   # the same on a GPU
-#   python notes/report.py                   # tables + figures from runs/*/log.jsonl
-# Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3),
-# batch 64, 1500 steps (long_*: 4000, --preset shapes_long), lr 2e-3, EMA 0.99 constant, probes on the frozen target encoder.
+#   python notes/report.py runs              # sections 1-6's tables + notes/curves.png from runs/*/log.jsonl
+#   python notes/report.py --claims runs     # one later section from runs/ (--mech, --dead, --sim, --claims)
+# Protocol, fixed before looking at val numbers: default model (ViT 128x4, predictor 64x3), batch 64,
+# 1500 steps (long_*: 4000, --preset shapes_long; mech_* and c1_*: 3000), lr 2e-3, EMA 0.99 constant,
+# probes on the frozen target encoder. With no ONLY, all 92 runs: many hours (see each section).
 set -u
 cd "$(dirname "$0")/.."
 COMMON="--lr 2e-3 --ema_start 0.99 --ema_end 0.99 --eval_every 500"  # + --max_steps 1500, or the preset's 4000
