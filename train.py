@@ -8,10 +8,11 @@ or on your own captioned images.
   torchrun train.py --dataset captions --data_dir DIR   # DIR/train.jsonl (+ val.jsonl), README
 
 Every field of TrainConfig and TCJEPAConfig is a flag; a preset fills the fields not given
-(`shapes` by default, `coco` with --dataset coco, `captions` with --dataset captions). `python train.py --help` shows, for each flag,
-the value every preset uses. Exit codes (of each process; torchrun reports its own): 0 finished,
-75 stopped by a signal after saving a checkpoint (resume with --resume auto), 74 a DataLoader worker
-died after saving (resume with fewer --num_workers), 1 the user must act (the last line says what).
+(`shapes` by default, `coco` with --dataset coco, `captions` with --dataset captions).
+`python train.py --help` shows, for each flag, the value every preset uses. Exit codes (of each
+process; torchrun reports its own): 0 finished, 75 stopped by a signal after saving a checkpoint
+(resume with --resume auto), 74 a DataLoader worker died after saving (resume with fewer
+--num_workers), 1 the user must act (the last line says what).
 
 The phases, in the order a run calls them: config -> runtime (device, DDP, signals) -> checkpoints
 and the log -> data, tokenizer, model -> the training step -> evaluation -> main, the loop.
