@@ -139,7 +139,8 @@ def _pair_captions(objs, mode, rng, n=5):
             caps.append(rng.choice(_ALL).format(l=f"a {a} and a {b}"))
         return caps
     def one(obj):
-        pos = rng.choice(("{r} {c}", "{r} {c} corner")).format(r=ROWS[0 if obj[0] < 2 else 2], c=COLS[0 if obj[0] % 2 == 0 else 2])
+        row, col = ROWS[0 if obj[0] < 2 else 2], COLS[0 if obj[0] % 2 == 0 else 2]
+        pos = rng.choice(("{r} {c}", "{r} {c} corner")).format(r=row, c=col)
         return rng.choice(_ONE).format(o=SHAPES[obj[1]], p=pos)
     caps = [one(o) for o in objs] + [one(rng.choice(objs)) for _ in range(n - len(objs))]
     rng.shuffle(caps)
@@ -178,10 +179,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split="train", size=None, img_size=64, seed=0, layout="grid3", captions="mixed"):
         if split not in ("train", "val"):
             raise UserError(f"unknown split {split!r}: use 'train' or 'val'")
-        if layout not in LAYOUTS or captions not in CAPTION_MODES or (layout == "pairs") != (captions != "mixed"):
+        known = layout in LAYOUTS and captions in CAPTION_MODES
+        if not known or (layout == "pairs") != (captions != "mixed"):
             raise UserError(f"shapes layout {layout!r} with captions {captions!r}: use grid3 with mixed, "
                             f"or pairs with complement or substitute")
-        self.split, self.img_size, self.seed, self.layout, self.caption_mode = split, img_size, seed, layout, captions
+        self.split, self.img_size, self.seed = split, img_size, seed
+        self.layout, self.caption_mode = layout, captions
         self.cells = 3 if layout == "grid3" else 2  # grid side
         self.size = size if size is not None else (20000 if split == "train" else 1000)
 
@@ -208,7 +211,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         waves = [(rng.uniform(0, math.pi), rng.uniform(0.5, 2.5), rng.uniform(0, 2 * math.pi),
                   *[rng.uniform(0.02, 0.05) for _ in range(3)]) for _ in range(2)]
         # captions come last: they never change the image
-        caps = _captions(objs, rng) if self.layout == "grid3" else _pair_captions(objs, self.caption_mode, rng)
+        if self.layout == "grid3":
+            caps = _captions(objs, rng)
+        else:
+            caps = _pair_captions(objs, self.caption_mode, rng)
         return objs, bg, waves, caps
 
     def render(self, indices):
@@ -233,7 +239,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         color_map = color_lut.gather(1, flat).view_as(obj)
 
         # colors and background are normalized before painting, which saves two full-size passes
-        fg = self._palette().index_select(1, color_map.view(-1))  # (3, B*H*W); faster than pal[:, map] (notes/perf.md)
+        # (3, B*H*W); faster than pal[:, map] (notes/perf.md)
+        fg = self._palette().index_select(1, color_map.view(-1))
         fg = fg.view(3, *obj.shape).transpose(0, 1)  # (B, 3, H, W)
         images = torch.where(color_map[:, None] > 0, fg, self._background(scenes))  # (B, 3, H, W)
 
@@ -249,7 +256,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Objects (N,) -> (B, H, W) uint8 map: 0 background, 1 + slot of the object covering a pixel."""
         S, g = self.img_size, self.cells
         cw = S / g  # cell width in pixels: geometry scales with img_size
-        r = (torch.where(big, BIG, SMALL) if g == 3 else torch.full_like(jitter[:, 0], PAIR_RADIUS)) * cw  # (N,)
+        radius = torch.where(big, BIG, SMALL) if g == 3 else torch.full_like(jitter[:, 0], PAIR_RADIUS)
+        r = radius * cw  # (N,)
         slack = 0.8 * (0.5 * cw - r)  # center jitter that keeps the object inside its cell
         cx = (cell % g + 0.5) * cw + jitter[:, 0] * slack
         cy = (cell // g + 0.5) * cw + jitter[:, 1] * slack
@@ -321,7 +329,8 @@ def _open_rgb(path):
     """PIL RGB image, or None (with a line on stderr) when the file cannot be decoded (as CocoCaptions)."""
     try:
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit: convert("RGB") would clip at 255
+            # 16-bit: convert("RGB") would clip at 255
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 im = im.convert("I").point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -448,7 +457,8 @@ class CocoCaptions(CaptionedImages):
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-VAL_PERCENT = 1  # without a val manifest, the images whose path hashes (crc32) to 0..VAL_PERCENT-1 of 100 are val
+# without a val manifest, the images whose path hashes (crc32) to 0..VAL_PERCENT-1 of 100 are val
+VAL_PERCENT = 1
 
 
 def split_sentences(text):
@@ -508,8 +518,10 @@ def read_captions_manifest(root):
                     except json.JSONDecodeError:
                         bad["not a JSON line"] += 1
                         continue
-                    e = entry(r.get("image"), _captions_of_entry(r.get("captions"))) if isinstance(r, dict) else None
-                    bad["not a JSON object"] += not isinstance(r, dict)
+                    if not isinstance(r, dict):
+                        bad["not a JSON object"] += 1
+                        continue
+                    e = entry(r.get("image"), _captions_of_entry(r.get("captions")))
                     if e:
                         out[split].append(e)
         return "jsonl", out, bad
@@ -518,7 +530,8 @@ def read_captions_manifest(root):
             items = json.loads(path.read_text(encoding="utf-8", errors="replace"))
         except (json.JSONDecodeError, OSError):
             continue
-        if not (isinstance(items, list) and items and isinstance(items[0], dict) and "conversations" in items[0]):
+        first = items[0] if isinstance(items, list) and items else None
+        if not (isinstance(first, dict) and "conversations" in first):
             continue
         entries = []
         for r in items:
@@ -565,8 +578,8 @@ class CaptionsDataset(CaptionedImages):
     def splits(cls, root, img_size=224):
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"--data_dir {root} is not a folder: give the folder of your images and their manifest "
-                            f"(README: Your own captioned images)")
+            raise UserError(f"--data_dir {root} is not a folder: give the folder of your images and their "
+                            f"manifest (README: Your own captioned images)")
         t0 = time.time()
         fmt, found, bad = read_captions_manifest(root)
         out = {}
@@ -575,7 +588,7 @@ class CaptionsDataset(CaptionedImages):
             present = [e for e in entries if os.path.isfile(root / e[0])]
             bad[f"missing image ({split})"] += len(entries) - len(present)
             out[split] = present
-        if found["val"] is None:  # a fixed rule: the images whose path hashes into the first VAL_PERCENT of 100
+        if found["val"] is None:  # a fixed rule: the images whose path hashes into the first VAL_PERCENT%
             hashed = [zlib.crc32(p.encode("utf-8")) % 100 for p, _ in out["train"]]
             is_val = [h < VAL_PERCENT for h in hashed]
             if not any(is_val) and len(is_val) > 1:  # a tiny set: its lowest hash is the val image
@@ -584,7 +597,8 @@ class CaptionsDataset(CaptionedImages):
             out["train"] = [e for e, v in zip(out["train"], is_val) if not v]
         left_out = ", ".join(f"{n} {k}" for k, n in sorted(bad.items()) if n) or "nothing"
         if not out["train"] or not out["val"]:
-            raise UserError(f"no usable {'train' if not out['train'] else 'val'} image in {root} ({fmt}; left out: "
+            which = 'train' if not out['train'] else 'val'
+            raise UserError(f"no usable {which} image in {root} ({fmt}; left out: "
                             f"{left_out}): an entry needs an image file that exists and at least one caption "
                             f"(README: Your own captioned images)")
         n_caps = sum(c.count("\n") + 1 for _, c in out["train"])
@@ -602,7 +616,8 @@ def clean_caption(text):
 
 def _read_coco_json(ann):
     """-> (images, annotations) lists, or a one-line UserError naming the file."""
-    redo = f"Re-download annotations_trainval2017.zip from cocodataset.org and unzip it into {ann.parent.parent}"
+    redo = (f"Re-download annotations_trainval2017.zip from cocodataset.org and unzip it into "
+            f"{ann.parent.parent}")
     try:
         with open(ann, encoding="utf-8") as f:
             data = json.load(f)
@@ -698,8 +713,8 @@ def tokenizer_from_str(text, source):
     tok.no_padding()
     tok.no_truncation()
     if tok.token_to_id("[UNK]") is None:
-        raise UserError(f"tokenizer {source} has no [UNK] token: a word outside its vocabulary would stop training; "
-                        f"give a tokenizer that train.py wrote (or none: a fresh run trains one)")
+        raise UserError(f"tokenizer {source} has no [UNK] token: a word outside its vocabulary would stop "
+                        f"training; give a tokenizer that train.py wrote (or none: a fresh run trains one)")
     top = max(tok.get_vocab().values(), default=0)
     if top >= tok.get_vocab_size():
         raise UserError(f"tokenizer {source} has ids up to {top} but only {tok.get_vocab_size()} entries: "
@@ -807,17 +822,19 @@ def check_captions(train_set, tokenizer, max_images=10000):
         k += len(cs)
     share = unknown / max(1, words)
     if usable == 0 or share >= UNKNOWN_STOP:
-        what = (f"only {words - unknown} of the {words} caption words of {n} sampled training images are known to "
-                f"the tokenizer" if usable else f"none of {n} sampled training images has a caption with a word the "
-                f"tokenizer knows")
-        raise UserError(f"--text_cond cross, but {what}: fix the captions or give a tokenizer of this data (or none: "
-                        f"a fresh run trains one), or train I-JEPA with --text_cond none")
+        if usable:
+            what = (f"only {words - unknown} of the {words} caption words of {n} sampled training images are "
+                    f"known to the tokenizer")
+        else:
+            what = f"none of {n} sampled training images has a caption with a word the tokenizer knows"
+        raise UserError(f"--text_cond cross, but {what}: fix the captions or give a tokenizer of this data "
+                        f"(or none: a fresh run trains one), or train I-JEPA with --text_cond none")
     if share > UNKNOWN_WARN:
-        print(f"warning: {unknown} of {words} caption words ({share:.0%}) are unknown to the tokenizer ([UNK]): "
-              f"they carry no text", file=sys.stderr)
+        print(f"warning: {unknown} of {words} caption words ({share:.0%}) are unknown to the tokenizer "
+              f"([UNK]): they carry no text", file=sys.stderr)
     if usable < n / 2:
-        print(f"warning: only {usable} of {n} sampled training images have a usable caption; the others train "
-              f"without text", file=sys.stderr)
+        print(f"warning: only {usable} of {n} sampled training images have a usable caption; the others "
+              f"train without text", file=sys.stderr)
 
 
 def patch_labels(label_map, patch_size):
@@ -828,7 +845,7 @@ def patch_labels(label_map, patch_size):
         raise ValueError(f"label map {H}x{W} is not a whole number of {patch_size}px patches")
     h, w, p = H // patch_size, W // patch_size, patch_size
     K = int(label_map.max()) + 1
-    pid = (torch.arange(H)[:, None] // p * w + torch.arange(W) // p).view(1, -1)  # (1, H*W) patch of each pixel
+    pid = (torch.arange(H)[:, None] // p * w + torch.arange(W) // p).view(1, -1)  # (1, H*W) pixel's patch
     key = label_map.reshape(B, -1).long() * (h * w) + pid  # (B, H*W) one bin per (label, patch)
     counts = torch.zeros(B, K * h * w).scatter_add_(1, key, torch.ones(B, H * W))
     return counts.view(B, K, h * w).argmax(1)  # argmax returns the first maximum -> smallest label
@@ -896,8 +913,11 @@ def _valid_segmentation(seg, height, width):
     """Polygons: lists of an even number of finite coordinates; RLE: a list of counts over the whole image."""
     if isinstance(seg, list):
         return all(isinstance(p, list) and len(p) % 2 == 0 and all(map(_number, p)) for p in seg)
-    return (isinstance(seg, dict) and seg.get("size") == [height, width] and isinstance(seg.get("counts"), list)
-            and all(isinstance(c, int) and c >= 0 for c in seg["counts"]) and sum(seg["counts"]) == height * width)
+    if not (isinstance(seg, dict) and isinstance(seg.get("counts"), list)):
+        return False
+    if seg.get("size") != [height, width]:
+        return False
+    return all(isinstance(c, int) and c >= 0 for c in seg["counts"]) and sum(seg["counts"]) == height * width
 
 
 def image_size(path):
@@ -916,7 +936,8 @@ def instance_label_map(anns, height, width):
     decreasing area, so a cup on a table stays a cup. A pixel belongs to a polygon when its centre
     (x + 0.5, y + 0.5) is inside it, as COCO's own masks (pycocotools) do; PIL's ImageDraw.polygon also
     paints the outline and truncates the vertices, which grows a mask by ~1 px on the right and bottom
-    (a large error on small objects, notes/coco.md). A polygon with several parts paints all of them. Labels < 256."""
+    (a large error on small objects, notes/coco.md). A polygon with several parts paints all of them.
+    Labels < 256."""
     out = torch.zeros(height, width, dtype=torch.uint8)  # a third of the memory traffic of long
     for label, _, seg, _ in sorted(anns, key=lambda a: -a[1]):  # stable: equal areas keep file order
         if isinstance(seg, dict):
@@ -939,8 +960,9 @@ def _paint_polygon(out, xy, label):
     (even-odd rule), by scanlines over its bounding box only."""
     x1, y1 = torch.tensor(xy, dtype=torch.float64).view(-1, 2).unbind(1)  # (E,) edge starts
     x2, y2 = x1.roll(1), y1.roll(1)  # (E,) edge ends
-    r0, r1 = max(0, math.floor(y1.min() - 0.5)), min(out.size(0), math.ceil(y1.max()))  # rows and columns
-    c0, c1 = max(0, math.floor(x1.min() - 0.5)), min(out.size(1), math.ceil(x1.max()))  # whose centre may be in
+    # the rows and columns whose centre may be inside
+    r0, r1 = max(0, math.floor(y1.min() - 0.5)), min(out.size(0), math.ceil(y1.max()))
+    c0, c1 = max(0, math.floor(x1.min() - 0.5)), min(out.size(1), math.ceil(x1.max()))
     if r0 >= r1 or c0 >= c1:
         return
     yc = torch.arange(r0, r1, dtype=torch.float64)[:, None] + 0.5  # (R, 1) row centres
@@ -951,7 +973,8 @@ def _paint_polygon(out, xy, label):
     first = ((xs + 0.5).floor().clamp(c0, c1) - c0).long()  # (R, E)
     toggles = torch.zeros(r1 - r0, c1 - c0 + 1, dtype=torch.uint8)
     toggles.scatter_add_(1, first, torch.ones_like(first, dtype=torch.uint8))
-    inside = (toggles.cumsum(1, dtype=torch.uint8)[:, :-1] & 1).bool()  # (R, C) odd; a uint8 wraps, parity stays
+    # (R, C) inside where the count of crossings is odd; a uint8 wraps, its parity stays
+    inside = (toggles.cumsum(1, dtype=torch.uint8)[:, :-1] & 1).bool()
     out[r0:r1, c0:c1].masked_fill_(inside, label)
 
 
@@ -1043,8 +1066,8 @@ class CocoProbeSet(torch.utils.data.Dataset):
         labels = self.label_map(index)  # (S, S)
         present = torch.zeros(self.n_classes + 1)
         present[labels.flatten()] = 1  # column 0 (background) is dropped below
-        return dict(image=_normalize(TF.to_tensor(img)[None])[0], present=present[1:], words=self.words[index],
-                    patch_labels=patch_labels(labels[None], self.patch_size)[0])
+        return dict(image=_normalize(TF.to_tensor(img)[None])[0], present=present[1:],
+                    words=self.words[index], patch_labels=patch_labels(labels[None], self.patch_size)[0])
 
 
 def probe_collate(items):
@@ -1115,7 +1138,8 @@ def object_pooled(feats, shape, obj):
     onehot = F.one_hot(obj, K).float()  # (n, N, K)
     sums = onehot.transpose(1, 2) @ feats  # (n, K, D)
     counts = onehot.sum(1)  # (n, K)
-    shapes = (onehot.transpose(1, 2) @ F.one_hot(shape, len(SHAPES) + 1).float()).argmax(-1)  # (n, K) majority
+    votes = onehot.transpose(1, 2) @ F.one_hot(shape, len(SHAPES) + 1).float()  # (n, K, shapes + 1)
+    shapes = votes.argmax(-1)  # (n, K) each object's majority shape
     keep = counts[:, 1:] > 0  # objects that own at least one patch
     return (sums[:, 1:] / counts[:, 1:, None].clamp(min=1))[keep], shapes[:, 1:][keep] - 1
 
@@ -1140,10 +1164,12 @@ def shapes_probes(encode, train_set, val_set, n_train, patch_size, n_val=None):
     how many objects), fitted on the first n_train training images, scored on the first n_val val
     images (default: all)."""
     ftr, str_, ctr, otr, atr = shapes_features(encode, train_set, n_train, patch_size)
-    fte, ste, cte, ote, ate = shapes_features(encode, val_set, min(n_val or len(val_set), len(val_set)), patch_size)
+    n_val = min(n_val or len(val_set), len(val_set))
+    fte, ste, cte, ote, ate = shapes_features(encode, val_set, n_val, patch_size)
     D, ns, nc = ftr.size(-1), len(SHAPES), len(COLORS)
-    res = dict(dense_shape=class_probe(ftr.reshape(-1, D), str_.flatten(), fte.reshape(-1, D), ste.flatten(), ns + 1),
-               dense_color=class_probe(ftr.reshape(-1, D), ctr.flatten(), fte.reshape(-1, D), cte.flatten(), nc + 1))
+    x_tr, x_te = ftr.reshape(-1, D), fte.reshape(-1, D)  # every patch
+    res = dict(dense_shape=class_probe(x_tr, str_.flatten(), x_te, ste.flatten(), ns + 1),
+               dense_color=class_probe(x_tr, ctr.flatten(), x_te, cte.flatten(), nc + 1))
     on_tr, on_te = str_.flatten() > 0, ste.flatten() > 0  # object patches only: shape among 7 kinds
     res["dense_shape_obj"] = class_probe(ftr.reshape(-1, D)[on_tr], str_.flatten()[on_tr] - 1,
                                          fte.reshape(-1, D)[on_te], ste.flatten()[on_te] - 1, ns)
@@ -1204,7 +1230,8 @@ class StreamingRidge:
         T = torch.eye(D + 1, dtype=torch.float64, device=self.device)
         T[:D, :D], T[D, :D] = torch.diag(1 / sd), -mu / sd
         mean_w = self.G[D, D] / n
-        A = T.T @ self.G @ T / mean_w + self.lam * n * torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        ridge = self.lam * n * torch.eye(D + 1, dtype=torch.float64, device=self.device)
+        A = T.T @ self.G @ T / mean_w + ridge
         M = T @ torch.linalg.solve(A, T.T @ self.B / mean_w)  # (D+1, K) weights on [x - shift, 1]
         shift, dev = self.shift, self.device
         return lambda Z: ((Z.to(dev, torch.float64) - shift) @ M[:D] + M[D]).float()
@@ -1252,7 +1279,8 @@ def coco_probe_data(data_dir, train_set, val_set, n_train, n_words, img_size, pa
         return None
     left_out = Counter(drop_tr) + Counter(drop_va)
     sets = []
-    for split, ds, ids, rec in (("train", train_set, idx, rec_tr), ("val", val_set, range(len(val_set)), rec_va)):
+    for split, ds, ids, rec in (("train", train_set, idx, rec_tr),
+                                ("val", val_set, range(len(val_set)), rec_va)):
         keep = []
         for i in ids:
             r = rec.get(ds.ids[i])
@@ -1267,9 +1295,9 @@ def coco_probe_data(data_dir, train_set, val_set, n_train, n_words, img_size, pa
                 keep.append(i)
         mismatched = left_out[f"{split} image whose size is not its record's"]
         if mismatched > len(ids) / 2:
-            raise UserError(f"{mismatched} of {len(ids)} {split} probe images differ in size from their record in "
-                            f"{ann}/instances_{split}2017.json: the masks would not line up; use the instances "
-                            f"files of the same COCO release as the images")
+            raise UserError(f"{mismatched} of {len(ids)} {split} probe images differ in size from their "
+                            f"record in {ann}/instances_{split}2017.json: the masks would not line up; use "
+                            f"the instances files of the same COCO release as the images")
         if not keep:
             print(f"no {split} image is usable for the COCO probes ({dict(left_out)}); training goes on with "
                   f"validation losses only")
@@ -1277,13 +1305,13 @@ def coco_probe_data(data_dir, train_set, val_set, n_train, n_words, img_size, pa
         sets.append((ds, keep, rec))
     vocab = caption_word_vocab([train_set.captions[i] for i in sets[0][1]], n_words)
     kw = dict(vocab=vocab, n_classes=len(names), img_size=img_size, patch_size=patch_size)
-    tr, va = (CocoProbeSet([ds.files[i] for i in keep], [rec[ds.ids[i]] for i in keep], [ds.captions[i] for i in keep],
-                           **kw) for ds, keep, rec in sets)
+    tr, va = (CocoProbeSet([ds.files[i] for i in keep], [rec[ds.ids[i]] for i in keep],
+                           [ds.captions[i] for i in keep], **kw) for ds, keep, rec in sets)
     labels = torch.cat([patch_labels(tr.label_map(i)[None], patch_size)[0] for i in range(len(tr))])
     freq = torch.bincount(labels, minlength=len(names) + 1).double()
+    left = ', '.join(f'{n} {k}' for k, n in sorted(left_out.items())) or 'nothing'
     print(f"coco probes: {len(tr)} train / {len(va)} val images, {len(vocab)} caption words; left out: "
-          f"{', '.join(f'{n} {k}' for k, n in sorted(left_out.items())) or 'nothing'}; instances read and checked "
-          f"in {time.time() - t0:.0f} s")
+          f"{left}; instances read and checked in {time.time() - t0:.0f} s")
     return CocoProbeData(tr, va, 1 / freq.clamp(min=1))
 
 
@@ -1340,8 +1368,9 @@ def _stack_readable(items):
 def captions_probes(encode, val_set, n, num_workers=0, worker_init_fn=None, batch_size=64):
     """Captioned images come without labels: RankMe of the average-pooled features of the first n val
     images under the evaluation view (a label-free collapse monitor)."""
-    loader = torch.utils.data.DataLoader(_EvalView(val_set, n), batch_size=batch_size, collate_fn=_stack_readable,
-                                         num_workers=num_workers, worker_init_fn=worker_init_fn)
+    loader = torch.utils.data.DataLoader(_EvalView(val_set, n), batch_size=batch_size,
+                                         collate_fn=_stack_readable, num_workers=num_workers,
+                                         worker_init_fn=worker_init_fn)
     pooled = [encode(x).float().mean(1).cpu() for x in loader if x is not None]
     return dict(rankme=rankme(torch.cat(pooled))) if pooled else {}
 
@@ -1421,8 +1450,8 @@ def grounding_probe(predict, batches, dataset, tokenizer, patch_size):
     sums = {}
     for b in batches:
         gt = dataset.render(b["indices"].tolist())
-        at_patch = object_words(patch_labels(gt["shape_map"], patch_size), patch_labels(gt["color_map"], patch_size),
-                                tokenizer)  # (B, N, 2)
+        at_patch = object_words(patch_labels(gt["shape_map"], patch_size),
+                                patch_labels(gt["color_map"], patch_size), tokenizer)  # (B, N, 2)
         (B, Nc), (M, Nt) = b["ctx"].shape, b["tgt"].shape[1:]
         # the predictor's token order: per target block, the context then the block (tcjepa.Predictor)
         patch = torch.cat([b["ctx"][:, None].expand(B, M, Nc), b["tgt"]], 2).flatten(1)  # (B, Q)
@@ -1432,4 +1461,5 @@ def grounding_probe(predict, batches, dataset, tokenizer, patch_size):
         for name, scores in (("ground_o", sims), ("ground_attn", att.transpose(2, 3))):
             s = grounding_sums(scores.cpu(), b["tokens"], b["word_mask"], words_at, is_ctx, color_ids)
             sums[name] = s if name not in sums else {k: sums[name][k] + v for k, v in s.items()}
-    return {**grounding_summary(sums["ground_o"], "ground_o"), **grounding_summary(sums["ground_attn"], "ground_attn")}
+    return {**grounding_summary(sums["ground_o"], "ground_o"),
+            **grounding_summary(sums["ground_attn"], "ground_attn")}
