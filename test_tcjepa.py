@@ -137,16 +137,24 @@ def test_self_attention_matches_naive_loop():
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
+def conditioner_batch(cfg, B=3, Q=5):
+    """Tokens x (B, Q, P), caption words (B, C, S, text_width) and a word mask (B, C, S) with a padded
+    caption (image 0), every caption non-empty (image 1) and an image with no caption at all (image 2)."""
+    C, S = cfg.n_captions, cfg.max_words
+    x, words = torch.randn(B, Q, cfg.pred_width), torch.randn(B, C, S, cfg.text_width)
+    word_mask = torch.rand(B, C, S) > 0.4
+    word_mask[0, 1] = False
+    word_mask[1, :, 0] = True
+    word_mask[2] = False
+    return x, words, word_mask
+
+
 def test_text_conditioner_matches_naive_loop():
     cfg = tiny_cfg(n_captions=4)
     torch.manual_seed(0)
     cond = tcjepa.TextConditioner(cfg)
-    B, Q, C, S, P = 3, 5, 4, cfg.max_words, cfg.pred_width
-    x, words = torch.randn(B, Q, P), torch.randn(B, C, S, cfg.text_width)
-    word_mask = torch.rand(B, C, S) > 0.4
-    word_mask[0, 1] = False  # a padded caption
-    word_mask[1, :, 0] = True
-    word_mask[2] = False  # an image with no caption at all
+    x, words, word_mask = conditioner_batch(cfg)
+    (B, Q, P), C, S = x.shape, cfg.n_captions, cfg.max_words
     y, O, _, att = cond(x, words, word_mask)
     ref_y, ref_O, ref_att = torch.zeros_like(x), torch.zeros(B, Q, C, S), torch.zeros(B, C, Q, S)
     for b in range(B):
@@ -339,12 +347,8 @@ def test_cosine_conditioner_matches_naive_loop():
     cfg = tiny_cfg(n_captions=4, sim_mode="cosine", cos_temp=0.2)
     torch.manual_seed(0)
     cond = tcjepa.TextConditioner(cfg)
-    B, Q, C, S, P = 3, 5, 4, cfg.max_words, cfg.pred_width
-    x, words = torch.randn(B, Q, P), torch.randn(B, C, S, cfg.text_width)
-    word_mask = torch.rand(B, C, S) > 0.4
-    word_mask[0, 1] = False  # a padded caption
-    word_mask[1, :, 0] = True
-    word_mask[2] = False  # an image with no caption at all
+    x, words, word_mask = conditioner_batch(cfg)
+    (B, Q, P), C, S = x.shape, cfg.n_captions, cfg.max_words
     y, O, ent, att = cond(x, words, word_mask)
     ref_y, ref_att = torch.zeros_like(x), torch.zeros(B, C, Q, S)
     for b in range(B):
