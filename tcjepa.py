@@ -72,9 +72,10 @@ class TCJEPAConfig:
     # how patch-word similarities make the attention and the two losses. "paper": softmax of dot
     # products, losses on O (has trivial minima: notes/paper.md §2.5). Not in the paper (§5.1):
     # "cosine": attention = softmax over the words' cosines / cos_temp and a null word of cosine 0,
-    # losses on O as the paper; "attention": the paper's attention, sparsity = its entropy, consistency on it
+    # losses on O as the paper; "attention": the paper's attention, sparsity = its entropy, consistency
+    # on it. Neither option kept O alive in its screening (notes/experiments.md §9)
     sim_mode: str = "paper"
-    cos_temp: float = 0.1  # sim_mode "cosine": temperature of the cosine logits (fixed: learned, O could shrink)
+    cos_temp: float = 0.1  # sim_mode "cosine": cosine logits' temperature (fixed: if learned, O could shrink)
     cond_layers: int = -1  # predictor layers with a conditioner, from the first; -1 = all (paper)
     text_pool: str = "word"  # "word": attend to each word (paper); "mean": one vector per caption
     # learned offsets on the conditioner's queries and keys (their Linear and LayerNorm biases). False:
