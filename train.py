@@ -14,9 +14,10 @@ process; torchrun reports its own): 0 finished, 75 stopped by a signal after sav
 (resume with --resume auto), 74 a DataLoader worker died after saving (resume with fewer
 --num_workers), 1 the user must act (the last line says what).
 
-The phases, in the order a run calls them: config -> runtime (device, DDP, signals) -> checkpoints
-and the log -> data, tokenizer, model -> the training step -> evaluation -> main, the loop.
-The probes that evaluation runs live in data.py (they take an encode function, not this state).
+The phases, in the order a run calls them: config -> runtime (device, DDP, signals) -> data,
+tokenizer, model -> the training step -> evaluation -> main, the loop. What main uses to keep a run
+safe (out_dir and its lock, resume, atomic checkpoints, the log) comes last, as a library. The
+probes that evaluation runs live in data.py (they take an encode function, not this state).
 """
 
 import argparse
@@ -347,285 +348,6 @@ def ignore_stop_signals(worker_id):
     (A worker still exits when the trainer does.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and the log
-
-
-def prepare_out_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out_dir {path} is not a writable folder ({e.strerror}): give another "
-                        f"--out_dir") from None
-
-
-@contextmanager
-def out_dir_lock(path, rt):
-    """One writer per out_dir: rank 0 holds an exclusive lock on out_dir/.lock for the run's life (the
-    OS releases it on any death, so a kill -9 leaves no stale lock). A second process learns who
-    holds it, changes nothing and stops; under DDP every rank stops with it."""
-    f, who = None, "another process"
-    if rt.master:
-        f = open(os.path.join(path, ".lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            f.truncate(0)
-            since = time.strftime("%Y-%m-%d %H:%M:%S")
-            f.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
-            f.flush()
-        except BlockingIOError:
-            f.seek(0)
-            who = f.read().strip() or who
-            f.close()
-            f = None
-    held = f is not None if rt.master else True
-    if rt.ddp:  # the ranks agree: all go on, or all stop
-        flag = torch.tensor(float(held))
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=rt.cpu_group)
-        held = bool(flag)
-    if not held:
-        raise UserError(f"--out_dir {path} is in use by {who}: wait for that run to end, or give another "
-                        f"--out_dir")
-    try:
-        yield
-    finally:
-        if f is not None:
-            f.close()
-
-
-def run_in(path):
-    """What a previous run left in out_dir: '' if nothing, else e.g. 'ckpt.pt (step 500), log.jsonl'."""
-    found = []
-    ckpt, log = os.path.join(path, "ckpt.pt"), os.path.join(path, "log.jsonl")
-    if os.path.lexists(ckpt):
-        try:
-            step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] + 1
-            found.append(f"ckpt.pt (step {step})")
-        except Exception:
-            found.append("ckpt.pt")
-    if os.path.exists(log) and os.path.getsize(log) > 0:
-        found.append("log.jsonl")
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        found.append("tokenizer.json")
-    return ", ".join(found)
-
-
-def what_to_resume(tcfg):
-    """(the checkpoint to resume or "", whether this run owns out_dir's log: a fresh run, or a resume of
-    out_dir's own checkpoint), or one line when out_dir holds a run that this one would mix with."""
-    out = tcfg.out_dir
-    ckpt_path, held = os.path.join(out, "ckpt.pt"), run_in(out)
-    remove_stale_temps(out)
-    resume = tcfg.resume
-    if resume == "auto":
-        if os.path.lexists(ckpt_path) and not os.path.exists(ckpt_path):
-            raise UserError(f"--resume auto: {ckpt_path} is a dangling link; restore it, or give --resume "
-                            f"<checkpoint>")
-        resume = ckpt_path if os.path.exists(ckpt_path) else ""
-        if not resume and held:
-            raise UserError(f"--resume auto: {out} holds {held} but no ckpt.pt: nothing to continue from; "
-                            f"restore ckpt.pt, give another --out_dir, or --overwrite true to start over")
-    if tcfg.eval_only and not resume:
-        raise UserError("--eval_only needs --resume <checkpoint>")
-    own = not resume or os.path.realpath(resume) == os.path.realpath(ckpt_path)
-    if held and not own and not tcfg.eval_only:
-        raise UserError(f"--out_dir {out} holds a run ({held}) and --resume names another run's checkpoint: "
-                        f"give an empty --out_dir to continue that one, or --resume auto to continue this "
-                        f"one")
-    if held and not resume and not tcfg.overwrite:
-        raise UserError(f"--out_dir {out} holds a run ({held}): continue it with --resume auto, give "
-                        f"another --out_dir, or add --overwrite true to start over there")
-    return resume, own
-
-
-def from_rank0(fn, rt):
-    """fn() on rank 0, its result (or its UserError) sent to every rank: decisions about the disk are
-    made once, so the ranks cannot disagree (nodes may see a shared disk at different moments)."""
-    box = [None]
-    if rt.master:
-        try:
-            box = [("ok", fn())]
-        except UserError as e:
-            box = [("error", str(e))]
-    if rt.ddp:
-        dist.broadcast_object_list(box, src=0, group=rt.cpu_group)
-    kind, value = box[0]
-    if kind == "error":
-        raise UserError(value if rt.master else f"{value} (rank 0)")
-    return value
-
-
-def remove_stale_temps(path):
-    """Temp files of saves that a kill -9 cut short (no other process writes here: we hold the lock)."""
-    for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp")):
-        os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """A checkpoint that train.py wrote, or one line saying why this file is not one."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, empty, garbage: torch raises several kinds
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"--resume {path}: not a readable checkpoint ({reason}); give the ckpt.pt of a run, "
-                        f"or none to start fresh") from None
-    needed = {"model", "optimizer", "model_config", "train_config", "step"}
-    if not (isinstance(ckpt, dict) and needed <= set(ckpt)):
-        raise UserError(f"--resume {path}: not a train.py checkpoint (no model / optimizer / config / step); "
-                        f"give the ckpt.pt of a run")
-    if "tokenizer_json" not in ckpt:
-        raise UserError(f"--resume {path} carries no tokenizer: it is from another version of train.py; "
-                        f"resume it with that version, or start fresh")
-    return ckpt
-
-
-def all_finite(*state_dicts):
-    """Every floating tensor in these (nested) state dicts is finite."""
-    def tensors(x):
-        if torch.is_tensor(x):
-            yield x
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from tensors(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                yield from tensors(v)
-    return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd)
-               if t.is_floating_point())
-
-
-def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world, n_train):
-    """Atomic: a temp file named for this process, then a rename over the old one (a kill never
-    leaves half a file). The tokenizer travels inside (its json). A failed write (disk full) removes
-    the temp file, keeps the previous checkpoint and stops with one line."""
-    state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
-                 train_config=dataclasses.asdict(tcfg), model_config=dataclasses.asdict(mcfg),
-                 tokenizer_json=tokenizer.to_str(), world=world, n_train=n_train,
-                 rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        where = os.path.dirname(path) or "."
-        raise UserError(f"could not save {path} at step {step + 1} ({str(e).splitlines()[0][:100]}); the "
-                        f"previous checkpoint is kept: free space in {where} and resume with --resume "
-                        f"{path}") from None
-
-
-def _json_safe(x):
-    """NaN and inf -> None: log.jsonl stays strict JSON (a probe with nothing to score gives NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def append_log(path, rec):
-    """One line, written whole or not at all: a failed write (disk full) is cut back off the file.
-    Unbuffered, so that what reached the disk is known and can be truncated."""
-    line = (json.dumps(_json_safe(rec), allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    size = os.fstat(fd).st_size
-    try:
-        written = 0
-        while written < len(line):
-            written += os.write(fd, line[written:])
-    except OSError as e:
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            pass
-        raise UserError(f"could not write {path} ({e.strerror}): free space in "
-                        f"{os.path.dirname(path) or '.'} and resume with --resume auto") from None
-    finally:
-        os.close(fd)
-
-
-def read_log(path):
-    """The records of a log.jsonl (dicts with an int step or none), and how many lines were damaged (cut
-    short by a kill or a full disk, foreign bytes, not a record) and left out."""
-    recs, bad = [], 0
-    if not os.path.exists(path):
-        return recs, bad
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except (json.JSONDecodeError, UnicodeError):
-                r = None
-            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
-                recs.append(r)
-            elif line.strip():
-                bad += 1
-    return recs, bad
-
-
-def trim_log(path, step):
-    """Resuming at `step`: drop the records a killed run wrote after its checkpoint, the probes at
-    initialization that a finished run wrote last (the resumed run writes them again when it ends),
-    and damaged lines (said so)."""
-    recs, bad = read_log(path)
-    if bad:
-        print(f"warning: {path}: {bad} damaged line(s) left out")
-    keep = [json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= step and "init_probes" not in r]
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
-def export_for_timm(ckpt, path):
-    """The checkpoint's TARGET encoder (what the paper evaluates) as a state dict for timm's
-    VisionTransformer with no class token and average pooling (the layout of timm's I-JEPA weights):
-    the same block names, the patch embedding under patch_embed.proj, and the fixed sin-cos table as
-    pos_embed (a parameter in timm, loaded like the weights). Returns the lines that load it."""
-    m = TCJEPAConfig(**ckpt["model_config"])
-    model = TCJEPA(m)
-    model.load_state_dict(ckpt["model"])
-    sd = {k.replace("patch_embed.", "patch_embed.proj.", 1): v for k, v in model.target.state_dict().items()}
-    sd["pos_embed"] = model.target.pos[None].clone()  # (1, N, D), raster order, as timm adds it
-    try:
-        torch.save(sd, path)
-    except OSError as e:
-        raise UserError(f"--export {path}: could not write it ({e.strerror})") from None
-    kw = (f"img_size={m.img_size}, patch_size={m.patch_size}, in_chans={m.in_chans}, embed_dim={m.width}, "
-          f"depth={m.depth}, num_heads={m.heads}, mlp_ratio={m.mlp_ratio}, class_token=False, "
-          f'global_pool="avg", fc_norm=False, num_classes=0')
-    return (f"wrote the target encoder to {path}; load it with timm (the head count matters: a wrong one "
-            f"loads silently and computes something else):\n"
-            f"import timm, torch\n"
-            f"model = timm.models.vision_transformer.VisionTransformer({kw})\n"
-            f"model.load_state_dict(torch.load({str(path)!r}))\n"
-            f"features = model.forward_features(images)  # (B, {m.grid ** 2}, {m.width}) patch features; "
-            f"model(images): (B, {m.width}) pooled")
-
-
-def code_version():
-    """The git commit of this file and whether tracked files differ from it ("unknown" outside a
-    checkout), for the first log record: a log names the code that made it."""
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        def git(*a):
-            return subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return dict(commit=git("rev-parse", "HEAD"), dirty=dirty, torch=torch.__version__)
-    except (OSError, subprocess.SubprocessError):
-        return dict(commit="unknown", dirty="unknown", torch=torch.__version__)
 
 
 # -----------------------------------------------------------------------------
@@ -1180,6 +902,285 @@ def cli(argv=None):
     # down cleanly now. Left to the garbage collector at exit, the workers (which ignore SIGTERM, see
     # ignore_stop_signals) would never be stopped and the process would hang after an error.
     return 1
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the log: out_dir, its lock, resume, atomic saves, the log (the library main uses)
+
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out_dir {path} is not a writable folder ({e.strerror}): give another "
+                        f"--out_dir") from None
+
+
+@contextmanager
+def out_dir_lock(path, rt):
+    """One writer per out_dir: rank 0 holds an exclusive lock on out_dir/.lock for the run's life (the
+    OS releases it on any death, so a kill -9 leaves no stale lock). A second process learns who
+    holds it, changes nothing and stops; under DDP every rank stops with it."""
+    f, who = None, "another process"
+    if rt.master:
+        f = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            f.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
+            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or who
+            f.close()
+            f = None
+    held = f is not None if rt.master else True
+    if rt.ddp:  # the ranks agree: all go on, or all stop
+        flag = torch.tensor(float(held))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=rt.cpu_group)
+        held = bool(flag)
+    if not held:
+        raise UserError(f"--out_dir {path} is in use by {who}: wait for that run to end, or give another "
+                        f"--out_dir")
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()
+
+
+def run_in(path):
+    """What a previous run left in out_dir: '' if nothing, else e.g. 'ckpt.pt (step 500), log.jsonl'."""
+    found = []
+    ckpt, log = os.path.join(path, "ckpt.pt"), os.path.join(path, "log.jsonl")
+    if os.path.lexists(ckpt):
+        try:
+            step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] + 1
+            found.append(f"ckpt.pt (step {step})")
+        except Exception:
+            found.append("ckpt.pt")
+    if os.path.exists(log) and os.path.getsize(log) > 0:
+        found.append("log.jsonl")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        found.append("tokenizer.json")
+    return ", ".join(found)
+
+
+def what_to_resume(tcfg):
+    """(the checkpoint to resume or "", whether this run owns out_dir's log: a fresh run, or a resume of
+    out_dir's own checkpoint), or one line when out_dir holds a run that this one would mix with."""
+    out = tcfg.out_dir
+    ckpt_path, held = os.path.join(out, "ckpt.pt"), run_in(out)
+    remove_stale_temps(out)
+    resume = tcfg.resume
+    if resume == "auto":
+        if os.path.lexists(ckpt_path) and not os.path.exists(ckpt_path):
+            raise UserError(f"--resume auto: {ckpt_path} is a dangling link; restore it, or give --resume "
+                            f"<checkpoint>")
+        resume = ckpt_path if os.path.exists(ckpt_path) else ""
+        if not resume and held:
+            raise UserError(f"--resume auto: {out} holds {held} but no ckpt.pt: nothing to continue from; "
+                            f"restore ckpt.pt, give another --out_dir, or --overwrite true to start over")
+    if tcfg.eval_only and not resume:
+        raise UserError("--eval_only needs --resume <checkpoint>")
+    own = not resume or os.path.realpath(resume) == os.path.realpath(ckpt_path)
+    if held and not own and not tcfg.eval_only:
+        raise UserError(f"--out_dir {out} holds a run ({held}) and --resume names another run's checkpoint: "
+                        f"give an empty --out_dir to continue that one, or --resume auto to continue this "
+                        f"one")
+    if held and not resume and not tcfg.overwrite:
+        raise UserError(f"--out_dir {out} holds a run ({held}): continue it with --resume auto, give "
+                        f"another --out_dir, or add --overwrite true to start over there")
+    return resume, own
+
+
+def from_rank0(fn, rt):
+    """fn() on rank 0, its result (or its UserError) sent to every rank: decisions about the disk are
+    made once, so the ranks cannot disagree (nodes may see a shared disk at different moments)."""
+    box = [None]
+    if rt.master:
+        try:
+            box = [("ok", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    if rt.ddp:
+        dist.broadcast_object_list(box, src=0, group=rt.cpu_group)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value if rt.master else f"{value} (rank 0)")
+    return value
+
+
+def remove_stale_temps(path):
+    """Temp files of saves that a kill -9 cut short (no other process writes here: we hold the lock)."""
+    for tmp in glob.glob(os.path.join(glob.escape(path), "*.tmp")):
+        os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """A checkpoint that train.py wrote, or one line saying why this file is not one."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, empty, garbage: torch raises several kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"--resume {path}: not a readable checkpoint ({reason}); give the ckpt.pt of a run, "
+                        f"or none to start fresh") from None
+    needed = {"model", "optimizer", "model_config", "train_config", "step"}
+    if not (isinstance(ckpt, dict) and needed <= set(ckpt)):
+        raise UserError(f"--resume {path}: not a train.py checkpoint (no model / optimizer / config / step); "
+                        f"give the ckpt.pt of a run")
+    if "tokenizer_json" not in ckpt:
+        raise UserError(f"--resume {path} carries no tokenizer: it is from another version of train.py; "
+                        f"resume it with that version, or start fresh")
+    return ckpt
+
+
+def all_finite(*state_dicts):
+    """Every floating tensor in these (nested) state dicts is finite."""
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+    return all(bool(torch.isfinite(t).all()) for sd in state_dicts for t in tensors(sd)
+               if t.is_floating_point())
+
+
+def save_checkpoint(path, raw_model, opt, tcfg, mcfg, step, tokenizer, world, n_train):
+    """Atomic: a temp file named for this process, then a rename over the old one (a kill never
+    leaves half a file). The tokenizer travels inside (its json). A failed write (disk full) removes
+    the temp file, keeps the previous checkpoint and stops with one line."""
+    state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
+                 train_config=dataclasses.asdict(tcfg), model_config=dataclasses.asdict(mcfg),
+                 tokenizer_json=tokenizer.to_str(), world=world, n_train=n_train,
+                 rng=torch.get_rng_state())  # (all training randomness comes from seeded generators)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        where = os.path.dirname(path) or "."
+        raise UserError(f"could not save {path} at step {step + 1} ({str(e).splitlines()[0][:100]}); the "
+                        f"previous checkpoint is kept: free space in {where} and resume with --resume "
+                        f"{path}") from None
+
+
+def _json_safe(x):
+    """NaN and inf -> None: log.jsonl stays strict JSON (a probe with nothing to score gives NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def append_log(path, rec):
+    """One line, written whole or not at all: a failed write (disk full) is cut back off the file.
+    Unbuffered, so that what reached the disk is known and can be truncated."""
+    line = (json.dumps(_json_safe(rec), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(line):
+            written += os.write(fd, line[written:])
+    except OSError as e:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise UserError(f"could not write {path} ({e.strerror}): free space in "
+                        f"{os.path.dirname(path) or '.'} and resume with --resume auto") from None
+    finally:
+        os.close(fd)
+
+
+def read_log(path):
+    """The records of a log.jsonl (dicts with an int step or none), and how many lines were damaged (cut
+    short by a kill or a full disk, foreign bytes, not a record) and left out."""
+    recs, bad = [], 0
+    if not os.path.exists(path):
+        return recs, bad
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except (json.JSONDecodeError, UnicodeError):
+                r = None
+            if isinstance(r, dict) and isinstance(r.get("step", 0), int):
+                recs.append(r)
+            elif line.strip():
+                bad += 1
+    return recs, bad
+
+
+def trim_log(path, step):
+    """Resuming at `step`: drop the records a killed run wrote after its checkpoint, the probes at
+    initialization that a finished run wrote last (the resumed run writes them again when it ends),
+    and damaged lines (said so)."""
+    recs, bad = read_log(path)
+    if bad:
+        print(f"warning: {path}: {bad} damaged line(s) left out")
+    keep = [json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= step and "init_probes" not in r]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def export_for_timm(ckpt, path):
+    """The checkpoint's TARGET encoder (what the paper evaluates) as a state dict for timm's
+    VisionTransformer with no class token and average pooling (the layout of timm's I-JEPA weights):
+    the same block names, the patch embedding under patch_embed.proj, and the fixed sin-cos table as
+    pos_embed (a parameter in timm, loaded like the weights). Returns the lines that load it."""
+    m = TCJEPAConfig(**ckpt["model_config"])
+    model = TCJEPA(m)
+    model.load_state_dict(ckpt["model"])
+    sd = {k.replace("patch_embed.", "patch_embed.proj.", 1): v for k, v in model.target.state_dict().items()}
+    sd["pos_embed"] = model.target.pos[None].clone()  # (1, N, D), raster order, as timm adds it
+    try:
+        torch.save(sd, path)
+    except OSError as e:
+        raise UserError(f"--export {path}: could not write it ({e.strerror})") from None
+    kw = (f"img_size={m.img_size}, patch_size={m.patch_size}, in_chans={m.in_chans}, embed_dim={m.width}, "
+          f"depth={m.depth}, num_heads={m.heads}, mlp_ratio={m.mlp_ratio}, class_token=False, "
+          f'global_pool="avg", fc_norm=False, num_classes=0')
+    return (f"wrote the target encoder to {path}; load it with timm (the head count matters: a wrong one "
+            f"loads silently and computes something else):\n"
+            f"import timm, torch\n"
+            f"model = timm.models.vision_transformer.VisionTransformer({kw})\n"
+            f"model.load_state_dict(torch.load({str(path)!r}))\n"
+            f"features = model.forward_features(images)  # (B, {m.grid ** 2}, {m.width}) patch features; "
+            f"model(images): (B, {m.width}) pooled")
+
+
+def code_version():
+    """The git commit of this file and whether tracked files differ from it ("unknown" outside a
+    checkout), for the first log record: a log names the code that made it."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        def git(*a):
+            return subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return dict(commit=git("rev-parse", "HEAD"), dirty=dirty, torch=torch.__version__)
+    except (OSError, subprocess.SubprocessError):
+        return dict(commit="unknown", dirty="unknown", torch=torch.__version__)
 
 
 if __name__ == "__main__":
