@@ -2816,3 +2816,87 @@ def test_probe_table_prints_nan_for_a_null_probe():
     table = train.probe_table(dict(a=None, b=0.5), dict(a=0.25, b=None, c=[1]), t)
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:]}
     assert rows == {"a": ["0.2500", "nan"], "b": ["nan", "0.5000"]}, table
+
+
+# -----------------------------------------------------------------------------
+# notes/report.py: the verdicts of notes/experiments.md §10 follow its rules as written
+
+def _report():
+    sys.path.insert(0, os.path.join(HERE, "notes"))
+    import report
+    return report
+
+
+def test_report_t_quantiles_match_a_numerical_integral_of_the_t_density():
+    """T975[df] is the 0.975 quantile of Student's t: integrate the density from 0 (Simpson, 4000 steps)."""
+    T975 = _report().T975
+    for df, q in T975.items():
+        logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        f = lambda t: math.exp(logc - (df + 1) / 2 * math.log1p(t * t / df))  # noqa: E731
+        n, h = 4000, q / 4000
+        area = h / 3 * (f(0) + f(q) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n)))
+        assert abs(0.5 + area - 0.975) < 2e-5, (df, q, 0.5 + area)
+
+
+def _claim_log(runs, name, step, final, init):
+    recs = [{"config": {}}, {"step": step, "loss": 0.1, "ms_per_step": 1.0},
+            {"step": step, "val_true": 0.2, "val_shuffled": 0.3, **final}, {"step": 0, "init_probes": init}]
+    (runs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _naive_interval(xs, t):
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m - t * sd / math.sqrt(len(xs)), m + t * sd / math.sqrt(len(xs))
+
+
+@pytest.mark.parametrize("case", ["holds", "opposite", "straddles", "a seed missing"])
+def test_report_claim1_verdict_follows_the_paired_interval(tmp_path, capsys, monkeypatch, case):
+    report = _report()
+    monkeypatch.setattr(report, "pyplot", lambda: None)  # no figure written into notes/
+    shift = {"holds": 0.03, "opposite": -0.03, "straddles": 0.0, "a seed missing": 0.03}[case]
+    d = [shift + 0.01 * ((7 * s) % 5 - 2) for s in range(10)]  # paired differences of the gain, sd ~0.015
+    init = {"dense_shape_obj": 0.3, "obj_shape": 0.4, "img_shape_ap": 0.5, "rankme": 3.0}
+    for s in range(10):
+        ij = {"dense_shape_obj": 0.35 + 0.02 * s, "obj_shape": 0.5, "img_shape_ap": 0.6, "rankme": 9.0}
+        tc = {**ij, "dense_shape_obj": ij["dense_shape_obj"] + d[s], "ground_o": 0.2, "ground_chance": 0.2}
+        _claim_log(tmp_path, f"c1_ijepa_s{s}", 3000, ij, init)
+        if not (case == "a seed missing" and s == 9):
+            _claim_log(tmp_path, f"c1_tc_s{s}", 3000, tc, init)
+    _claim_log(tmp_path, "c1_zero_s0", 1500, ij, init)  # stopped early: not a finished run, not counted
+    report.claim1(str(tmp_path))
+    verdict = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verdict (claim 1)")]
+    if case == "a seed missing":
+        assert verdict == ["verdict (claim 1): undecided: 9 of 10 paired seeds"]
+        return
+    lo, hi = _naive_interval(d, 2.262)  # t(0.975, df 9)
+    what = {"holds": "claim 1 holds here", "opposite": "the opposite of claim 1",
+            "straddles": "no difference detected"}[case]
+    # the made-up differences do fall where each case says
+    assert (lo > 0, hi < 0) == {"holds": (True, False), "opposite": (False, True),
+                                "straddles": (False, False)}[case]
+    assert len(verdict) == 1 and what in verdict[0] and f"[{lo:+.4f}, {hi:+.4f}]" in verdict[0], verdict
+
+
+def test_report_claim2_spreads_verdict_and_collapse(tmp_path, capsys, monkeypatch):
+    report = _report()
+    monkeypatch.setattr(report, "pyplot", lambda: None)
+    probe = {"c2_ijepa": {"easy": 0.50, "default": 0.42, "hard": 0.20},
+             "c2_tc": {"easy": 0.45, "default": 0.44, "hard": 0.40}}
+    noise = [0.0, 0.02, -0.015]
+    for p, by_setting in probe.items():
+        for k, v in by_setting.items():
+            for s in range(3):
+                jitter = noise[s] if k == "hard" else 0.0
+                rankme = 1.5 if (p, k, s) == ("c2_ijepa", "hard", 1) else 8.0
+                _claim_log(tmp_path, f"{p}_{k}_s{s}", 1500, {"dense_shape_obj": v + jitter, "rankme": rankme},
+                           {"dense_shape_obj": 0.1})
+    report.claim2(str(tmp_path))
+    out = capsys.readouterr().out
+    spread_ij = [0.50 - (0.20 + e) for e in noise]  # max - min over the settings, per seed
+    spread_tc = [0.45 - (0.40 + e) for e in noise]  # hard stays the lowest of TC-JEPA's three
+    lo, hi = _naive_interval([a - b for a, b in zip(spread_ij, spread_tc)], 4.303)  # t(0.975, df 2)
+    assert lo > 0
+    assert ("verdict (claim 2): claim 2 holds here: I-JEPA's probe moves more across block scales: "
+            f"95% interval [{lo:+.4f}, {hi:+.4f}]") in out, out
+    assert "collapse (rankme < 2): c2_ijepa_hard_s1 (rankme 1.50)" in out, out
