@@ -23,6 +23,8 @@ import os
 import statistics
 import sys
 
+import plot  # notes/plot.py: the log reader both share
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBES = ["dense_shape", "dense_shape_obj", "dense_color", "img_shape_ap", "img_color_ap", "img_count_acc"]
 VAL = ["val_true", "val_shuffled", "val_none"]
@@ -40,14 +42,10 @@ def load(runs, name):
     path = log_path(runs, name)
     if path is None:
         return None
-    recs = [json.loads(line) for line in open(path)]
-    init = [r["init_probes"] for r in recs if "init_probes" in r]
-    if not init:
-        return None
-    # a run resumed by a train.py older than its log trimming logs the steps after its checkpoint
-    # twice (the same values: the resume is exact); keep the last record of each step
-    train = {r["step"]: r for r in recs if "loss" in r}
-    return [train[k] for k in sorted(train)], [r for r in recs if "val_true" in r], init[-1]
+    # plot.read skips a line cut short (a run still writing) and keeps the last record of a step (a run
+    # resumed by a train.py older than its log trimming logged the steps after its checkpoint twice)
+    train, evals, init = plot.read(path)
+    return (train, evals, init) if init else None
 
 
 def step_minutes(train):
