@@ -611,14 +611,14 @@ def claim2(runs):
     out.append(f"verdict (claim 2): {verdict or 'no runs'}")
     print("\n".join(out))
     if any(got.values()):
-        claim2_figure(got)
+        claim2_figure(got, spreads)
 
 
-def claim2_figure(got):
+def claim2_figure(got, spreads):
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.2))
     for (label, p), color in zip(C2_METHODS, ("tab:blue", "tab:orange")):
         for a, c in zip(ax, ("dense_shape_obj", "rankme")):
             for s in C2_SEEDS:
@@ -634,6 +634,21 @@ def claim2_figure(got):
         a.set_xticks(range(3), [lb for lb, _ in C2_SCALES], fontsize=8)
         a.set(title=f"{c}: mean, 95% interval, seeds thin", xlabel="target block scale")
         a.legend(fontsize=8)
+    # the rule's measure: each seed's spread of the probe over the settings, the two methods joined,
+    # and the paired difference I-JEPA - TC-JEPA with its 95% interval
+    ij, tc = spreads[("c2_ijepa", "dense_shape_obj")], spreads[("c2_tc", "dense_shape_obj")]
+    ss = [s for s in C2_SEEDS if s in ij and s in tc]
+    for s in ss:
+        ax[2].plot([0, 1], [ij[s], tc[s]], "o-", color="gray", alpha=0.6)
+    if ss:
+        d = [ij[s] - tc[s] for s in ss]
+        m, lo, hi = interval(d)
+        ax[2].plot([2] * len(d), d, "o", color="gray", alpha=0.4)
+        ax[2].errorbar([2], [m], yerr=[[m - lo], [hi - m]] if len(d) > 1 else None, fmt="s", color="black",
+                       capsize=6)
+    ax[2].axhline(0, color="gray", lw=0.8)
+    ax[2].set_xticks(range(3), ["I-JEPA", "TC-JEPA", "I-JEPA - TC-JEPA\n(the rule)"], fontsize=8)
+    ax[2].set(title="spread of dense_shape_obj (max - min over the settings)")
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "claim2.png"), dpi=110)
     print("wrote notes/claim2.png")
