@@ -542,6 +542,13 @@ def claim1(runs):
         claim1_figure(got, gain)
 
 
+def paired_panel(ax, x, d):
+    """Paired differences d at x: each seed a grey dot, their mean and 95% t interval in black."""
+    m, lo, hi = interval(d)
+    ax.plot([x] * len(d), d, "o", alpha=0.4, color="gray")
+    ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]] if len(d) > 1 else None, fmt="s", color="black", capsize=6)
+
+
 def claim1_figure(got, gain):
     plt = pyplot()
     if plt is None:
@@ -561,10 +568,7 @@ def claim1_figure(got, gain):
         d = [gain(a, s) - gain(b, s) for s in ss]
         if not d:
             continue
-        m, lo, hi = interval(d)
-        ax[1].plot([i] * len(d), d, "o", alpha=0.4, color="gray")
-        ax[1].errorbar([i], [m], yerr=[[m - lo], [hi - m]] if len(d) > 1 else None, fmt="s", color="black",
-                       capsize=6)
+        paired_panel(ax[1], i, d)
     ax[1].axhline(0, color="gray", lw=0.8)
     ax[1].set_xticks(range(3), ["TC - I-JEPA\n(primary)", "TC - lambda=beta=0", "TC - shuffled"], fontsize=8)
     ax[1].set(title="paired differences of the gain, mean and 95% interval")
@@ -641,11 +645,7 @@ def claim2_figure(got, spreads):
     for s in ss:
         ax[2].plot([0, 1], [ij[s], tc[s]], "o-", color="gray", alpha=0.6)
     if ss:
-        d = [ij[s] - tc[s] for s in ss]
-        m, lo, hi = interval(d)
-        ax[2].plot([2] * len(d), d, "o", color="gray", alpha=0.4)
-        ax[2].errorbar([2], [m], yerr=[[m - lo], [hi - m]] if len(d) > 1 else None, fmt="s", color="black",
-                       capsize=6)
+        paired_panel(ax[2], 2, [ij[s] - tc[s] for s in ss])
     ax[2].axhline(0, color="gray", lw=0.8)
     ax[2].set_xticks(range(3), ["I-JEPA", "TC-JEPA", "I-JEPA - TC-JEPA\n(the rule)"], fontsize=8)
     ax[2].set(title="spread of dense_shape_obj (max - min over the settings)")
