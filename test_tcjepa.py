@@ -504,7 +504,7 @@ def test_grounding_probe_reads_the_patches_the_predictor_tokens_stand_for(tmp_pa
     batch["ctx"], batch["tgt"] = sample_masks(16, cfg, torch.Generator().manual_seed(0))
     batch["indices"] = torch.arange(16)
     gt = val.render(range(16))
-    # (B, N, 2)
+    # each patch's object words (shape, colour): (B, N, 2)
     at_patch = data.object_words(patch_labels(gt["shape_map"], 8), patch_labels(gt["color_map"], 8), tok)
 
     def oracle(images, ctx, tgt, tokens, word_mask):
