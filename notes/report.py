@@ -648,6 +648,7 @@ def claim2_figure(got, spreads):
         paired_panel(ax[2], 2, [ij[s] - tc[s] for s in ss])
     ax[2].axhline(0, color="gray", lw=0.8)
     ax[2].set_xticks(range(3), ["I-JEPA", "TC-JEPA", "I-JEPA - TC-JEPA\n(the rule)"], fontsize=8)
+    ax[2].set_xlim(-0.5, 2.5)
     ax[2].set(title="spread of dense_shape_obj (max - min over the settings)")
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "claim2.png"), dpi=110)
